@@ -1,0 +1,123 @@
+"""What every re-parameterizable conv of orepa_mm shares: the ``nn.Conv2d``
+argument surface (so mmcv's ``build_conv_layer`` and ``ConvModule`` take it),
+argument checks, and conversion to a plain ``nn.Conv2d``."""
+from __future__ import annotations
+
+from typing import Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.utils import _pair
+
+IntOrPair = Union[int, Tuple[int, int]]
+PADDING_MODES = ('zeros', 'reflect', 'replicate', 'circular')
+
+
+class ReparamConv2d(nn.Module):
+    """Base of the multi-branch convs that fuse into one ``nn.Conv2d``.
+
+    Subclasses implement :meth:`fused_kernel_bias` (the kernel and bias of the
+    equivalent plain conv, eval-mode) and ``forward``.
+    """
+
+    #: ``ConvModule`` reads these like it reads ``nn.Conv2d``'s.
+    transposed = False
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair,
+                 stride: IntOrPair = 1, padding: Union[IntOrPair, str] = 0,
+                 dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = 'zeros') -> None:
+        super().__init__()
+        name = type(self).__name__
+        kernel_size, stride, dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        if kernel_size[0] != kernel_size[1]:
+            raise ValueError(f'{name}: non-square kernel_size {kernel_size} is not supported')
+        k = kernel_size[0]
+        if k < 1 or (k > 1 and k % 2 == 0):
+            raise ValueError(f'{name}: kernel_size must be 1 or odd (the branches are centred), got {k}')
+        if min(stride) < 1 or min(dilation) < 1:
+            raise ValueError(f'{name}: stride and dilation must be >= 1, got {stride}, {dilation}')
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(f'{name}: in_channels ({in_channels}) and out_channels ({out_channels}) '
+                             f'must be divisible by groups ({groups})')
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f'{name}: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}')
+        if isinstance(padding, str):
+            if padding == 'valid':
+                padding = 0
+            elif padding == 'same':
+                if max(stride) != 1:
+                    raise ValueError(f"{name}: padding='same' needs stride 1, got {stride}")
+                padding = (dilation[0] * (k // 2), dilation[1] * (k // 2))
+            else:
+                raise ValueError(f"{name}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+        padding = _pair(padding)
+        if min(padding) < 0:
+            raise ValueError(f'{name}: padding must be >= 0, got {padding}')
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.dilation = dilation
+        self.groups = groups
+        self.padding_mode = padding_mode
+        self.output_padding = (0, 0)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_channels))
+        else:
+            self.register_parameter('bias', None)
+
+    # -- helpers for subclasses -------------------------------------------------
+    def _pad_input(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        """Apply a non-zero padding mode up front; returns (input, conv padding)."""
+        if self.padding_mode == 'zeros':
+            return x, self.padding
+        ph, pw = self.padding
+        return F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode), (0, 0)
+
+    def reset_bias(self) -> None:
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    # -- fusing -----------------------------------------------------------------
+    def fused_kernel_bias(self) -> Tuple[Tensor, Tensor | None]:
+        """Kernel and bias (``None`` if there is none) of the equivalent conv."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Conv2d:
+        """Return the plain ``nn.Conv2d`` that computes this layer in eval mode."""
+        kernel, bias = self.fused_kernel_bias()
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, self.groups, bias=bias is not None,
+                         padding_mode=self.padding_mode, device=kernel.device, dtype=kernel.dtype)
+        conv.weight.copy_(kernel)
+        if bias is not None:
+            conv.bias.copy_(bias)
+        conv.train(self.training)
+        return conv
+
+    def init_weights(self) -> None:
+        """Keep the designed initialisation.
+
+        ``ConvModule`` and mmengine's ``BaseModule.init_weights`` call this
+        instead of running their Kaiming initialiser on the layer, which would
+        destroy the branch design; the parameters are initialised at
+        construction (see ``reset_parameters``).
+        """
+
+    def extra_repr(self) -> str:
+        s = (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, '
+             f'stride={self.stride}, padding={self.padding}')
+        if self.dilation != (1, 1):
+            s += f', dilation={self.dilation}'
+        if self.groups != 1:
+            s += f', groups={self.groups}'
+        if self.bias is None:
+            s += ', bias=False'
+        if self.padding_mode != 'zeros':
+            s += f', padding_mode={self.padding_mode!r}'
+        return s

@@ -1,0 +1,370 @@
+"""OREPA: online convolutional re-parameterization (Hu et al., CVPR 2022).
+
+``OREPAConv2d`` trains a linear multi-branch block but runs ONE conv per
+forward: its kernel is generated from the branch parameters (work independent
+of the feature map), then convolved with the input.  The block carries no BN:
+in an mmdet/mmseg ResNet the model's own BN after the conv is OREPA's "one BN
+after the sum", so a fused model is a vanilla model.
+
+Kernel generators (``nn.Module`` s whose ``forward()`` takes no input and
+returns a kernel) hold the branch parameters:
+
+* :class:`OREPA1x1Branches` for ``k = 1``;
+* :class:`OREPAKxKBranches`, the six-branch block, for odd ``3 <= k < large``;
+* :class:`OREPAStackedBranches`, the "linear deep stem", for odd ``k >= large``
+  (7 by default, i.e. the ResNet stem).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import kernels as K
+from .base import IntOrPair, ReparamConv2d
+
+__all__ = ['OREPAConv2d', 'OREPA1x1Branches', 'OREPAKxKBranches', 'OREPAStackedBranches']
+
+
+def _kaiming_(t: Tensor) -> Tensor:
+    # The reference initialises every kernel with kaiming_uniform_(a=0);
+    # fan-in is computed from the 4-D conv layout.
+    shape = t.shape
+    view = t.view(shape[0], -1, 1, 1) if t.dim() == 2 else t
+    nn.init.kaiming_uniform_(view, a=0.0)
+    return t
+
+
+class OREPA1x1Branches(nn.Module):
+    """1x1 block: an origin 1x1 kernel plus a "linear-to-identity" pair.
+
+    ``kernel = v[0] * W + v[1] * (B @ A)`` per output channel, with the pair
+    ``A: in -> t``, ``B: t -> out`` (grouped), ``t = min(in, out)``; the square
+    factor starts as the (grouped) identity, so the pair starts as a random
+    1x1 conv.  ``t = min(in, out)`` keeps the product cheap (the reference
+    uses ``t = out``) without losing expressiveness: both have full rank.
+    Initial scales: origin 1.0, pair 0.5.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 1) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        in_g = in_channels // groups
+        self.internal = min(in_channels, out_channels)
+        self.weight_origin = nn.Parameter(torch.empty(out_channels, in_g))
+        self.weight_l2i_first = nn.Parameter(torch.empty(self.internal, in_g))
+        self.weight_l2i_second = nn.Parameter(torch.empty(out_channels, self.internal // groups))
+        self.branch_scales = nn.Parameter(torch.empty(2, out_channels))
+        self.reset_parameters()
+
+    def reset_parameters(self, single_init: bool = False) -> None:
+        g = self.groups
+        with torch.no_grad():
+            _kaiming_(self.weight_origin)
+            if self.internal == self.in_channels:
+                self.weight_l2i_first.copy_(K.grouped_identity(self.internal, self.in_channels // g))
+                _kaiming_(self.weight_l2i_second)
+            else:
+                _kaiming_(self.weight_l2i_first)
+                self.weight_l2i_second.copy_(K.grouped_identity(self.out_channels, self.internal // g))
+            scales = (1.0, 0.0) if single_init else (1.0, 0.5)
+            self.branch_scales.copy_(torch.tensor(scales)[:, None].expand_as(self.branch_scales))
+
+    def forward(self) -> Tensor:
+        v = self.branch_scales
+        # Scale the narrow factor: t <= out, so this is the cheaper place.
+        pair = K.compose_1x1_1x1(self.weight_l2i_first, K.scale_out_channels(self.weight_l2i_second, v[1]),
+                                 self.groups)
+        kernel = K.scale_out_channels(self.weight_origin, v[0]) + pair
+        return kernel[:, :, None, None]
+
+    def plain_state(self, weight: Tensor) -> Dict[str, Tensor]:
+        """Branch values that make the block compute the plain kernel ``weight``."""
+        scales = torch.zeros_like(self.branch_scales)
+        scales[0] = 1
+        return {'weight_origin': K.as_matrix(weight), 'branch_scales': scales}
+
+
+class OREPAKxKBranches(nn.Module):
+    """The six-branch OREPA block for an odd ``k >= 3``.
+
+    Per output channel ``o`` (``v = branch_scales``, initial values in brackets):
+
+    ======  =================================================  ======
+    origin  ``W0``, a k x k kernel                               0.25
+    avg     1x1 kernel times the k x k box ``1 / k^2``           0.25
+    prior   1x1 kernel times the frequency-prior basis ``B[o]``  0.0
+    1x1-kxk (identity + ``A``) 1x1 then k x k ``C``              0.5
+    1x1     1x1 kernel at the centre                             1.0
+    dws     depthwise k x k (8x expansion) then pointwise 1x1    0.5
+    ======  =================================================  ======
+
+    The 1x1-kxk internal width is ``in`` for ``groups <= 4``, else ``2 * in``.
+    """
+
+    EXPAND = 8
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, groups: int = 1) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = k = kernel_size
+        in_g = in_channels // groups
+        internal = in_channels if groups <= 4 else 2 * in_channels
+        self.weight_origin = nn.Parameter(torch.empty(out_channels, in_g, k, k))
+        self.weight_avg = nn.Parameter(torch.empty(out_channels, in_g))
+        self.weight_prior = nn.Parameter(torch.empty(out_channels, in_g))
+        self.weight_1x1 = nn.Parameter(torch.empty(out_channels, in_g))
+        self.weight_1x1_kxk_first = nn.Parameter(torch.empty(internal, in_g))
+        self.weight_1x1_kxk_second = nn.Parameter(torch.empty(out_channels, internal // groups, k, k))
+        self.weight_dw = nn.Parameter(torch.empty(self.EXPAND * in_channels, 1, k, k))
+        self.weight_pw = nn.Parameter(torch.empty(out_channels, self.EXPAND * in_g))
+        self.branch_scales = nn.Parameter(torch.empty(6, out_channels))
+        # Constant buffers, built once and not saved: avg box, frequency prior
+        # and centre tap stacked so that the three "1x1 kernel times a fixed
+        # k x k pattern" branches are a single einsum.
+        centre = torch.zeros(k, k)
+        centre[k // 2, k // 2] = 1
+        patterns = torch.stack([K.box_kernel(k).expand(out_channels, k, k),
+                                K.frequency_prior(out_channels, k),
+                                centre.expand(out_channels, k, k)], dim=1)
+        self.register_buffer('spatial_patterns', patterns.flatten(2).contiguous(), persistent=False)
+        self.register_buffer('identity_1x1_kxk', K.grouped_identity(internal, in_g), persistent=False)
+        self.reset_parameters()
+
+    INIT_SCALES = (0.25, 0.25, 0.0, 0.5, 1.0, 0.5)
+
+    def reset_parameters(self, single_init: bool = False) -> None:
+        with torch.no_grad():
+            for w in (self.weight_origin, self.weight_avg, self.weight_prior, self.weight_1x1,
+                      self.weight_1x1_kxk_second, self.weight_dw, self.weight_pw):
+                _kaiming_(w)
+            self.weight_1x1_kxk_first.zero_()
+            scales = (1.0, 0, 0, 0, 0, 0) if single_init else self.INIT_SCALES
+            self.branch_scales.copy_(torch.tensor(scales)[:, None].expand_as(self.branch_scales))
+
+    def forward(self) -> Tensor:
+        v = self.branch_scales
+        o, in_g, k = self.out_channels, self.in_channels // self.groups, self.kernel_size
+        kernel = K.scale_out_channels(self.weight_origin, v[0])
+        # avg, prior and centred 1x1: (3, out, in_g) x (out, 3, k*k) -> (out, in_g, k*k)
+        factors = torch.stack([self.weight_avg, self.weight_prior, self.weight_1x1]) * v[[1, 2, 4], :, None]
+        kernel = kernel + torch.einsum('boi,obk->oik', factors, self.spatial_patterns).view(o, in_g, k, k)
+        kernel = kernel + K.compose_1x1_kxk(self.weight_1x1_kxk_first + self.identity_1x1_kxk,
+                                            K.scale_out_channels(self.weight_1x1_kxk_second, v[3]), self.groups)
+        kernel = kernel + K.dw_pw_to_full(self.weight_dw, K.scale_out_channels(self.weight_pw, v[5]),
+                                          self.EXPAND, self.groups)
+        return kernel
+
+    def plain_state(self, weight: Tensor) -> Dict[str, Tensor]:
+        scales = torch.zeros_like(self.branch_scales)
+        scales[0] = 1
+        return {'weight_origin': weight, 'branch_scales': scales}
+
+
+class OREPAStackedBranches(nn.Module):
+    """Large kernel as the composition of stacked 3x3 OREPA kernels (the
+    paper's "linear deep stem"), plus an origin k x k kernel.
+
+    ``kernel = v[0] * W0 + v[1] * compose(K_1, ..., K_n)``, ``n = (k - 1) / 2``
+    3x3 :class:`OREPAKxKBranches` generators (``in -> out -> ... -> out``).
+    ``compose`` is the true kernel of the stacked stride-1 linear convs
+    (:func:`orepa_mm.kernels.compose_stack`).  The reference code instead
+    cross-correlates the 3x3 kernels, which gives a trainable 7x7 kernel but
+    not the kernel of the stack; its checkpoints convert exactly by flipping
+    (see ``tools/convert_reference_checkpoint.py``).  The origin branch
+    (initial scale 0; the stack starts at scale 1, as in the paper) exists so
+    that a plain k x k checkpoint, e.g. an ImageNet ResNet stem, loads
+    exactly: a product of 3x3 kernels cannot represent every 7x7 kernel.
+    Groups are supported (every stacked conv uses them); dilation and stride
+    apply to the composed kernel as a whole.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, groups: int = 1) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = kernel_size
+        n = (kernel_size - 1) // 2
+        self.stack = nn.ModuleList(
+            OREPAKxKBranches(in_channels if i == 0 else out_channels, out_channels, 3, groups) for i in range(n))
+        self.weight_origin = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size))
+        self.branch_scales = nn.Parameter(torch.empty(2, out_channels))
+        self.reset_parameters()
+
+    def reset_parameters(self, single_init: bool = False) -> None:
+        with torch.no_grad():
+            _kaiming_(self.weight_origin)
+            self.branch_scales[0].fill_(1.0 if single_init else 0.0)
+            self.branch_scales[1].fill_(0.0 if single_init else 1.0)
+            for layer in self.stack:
+                layer.reset_parameters()
+
+    def forward(self) -> Tensor:
+        v = self.branch_scales
+        stacked = K.compose_stack([layer() for layer in self.stack], self.groups)
+        return K.scale_out_channels(self.weight_origin, v[0]) + K.scale_out_channels(stacked, v[1])
+
+    def plain_state(self, weight: Tensor) -> Dict[str, Tensor]:
+        scales = torch.zeros_like(self.branch_scales)
+        scales[0] = 1
+        return {'weight_origin': weight, 'branch_scales': scales}
+
+
+class _OnlineKernelConv(torch.autograd.Function):
+    """conv2d with a kernel generated from branch parameters, keeping only the
+    input and the parameters for backward.
+
+    The generated kernel and the branch intermediates are recomputed in
+    backward (their cost does not depend on the feature map), so activation
+    memory is that of a plain conv.  Under autocast the conv runs in the
+    autocast dtype, like ``nn.Conv2d``; the kernel is generated in the
+    parameters' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: 'OREPAConv2d', padding: Tuple[int, int], *params: Tensor) -> Tensor:
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        with torch.autocast(device_type, enabled=False):
+            kernel = layer.branches()
+            if dtype is not None:
+                x, kernel = x.to(dtype), kernel.to(dtype)
+            elif kernel.dtype != x.dtype:
+                kernel = kernel.to(x.dtype)
+            out = F.conv2d(x, kernel, None, layer.stride, padding, layer.dilation, layer.groups)
+        ctx.layer, ctx.padding = layer, padding
+        ctx.save_for_backward(x, *params)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, *params = ctx.saved_tensors
+        layer = ctx.layer
+        need_x = ctx.needs_input_grad[0]
+        need_params = [p for p, need in zip(params, ctx.needs_input_grad[3:]) if need]
+        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+            kernel = layer.branches()
+        grad_x, grad_kernel, _ = torch.ops.aten.convolution_backward(
+            grad_out.to(x.dtype), x, kernel.detach().to(x.dtype), None, layer.stride, ctx.padding,
+            layer.dilation, False, [0, 0], layer.groups, [need_x, bool(need_params), False])
+        grads: List[Optional[Tensor]] = [None] * len(params)
+        if need_params:
+            found = iter(torch.autograd.grad(kernel, need_params, grad_kernel.to(kernel.dtype)))
+            grads = [next(found) if need else None for need in ctx.needs_input_grad[3:]]
+        return (grad_x, None, None, *grads)
+
+
+class OREPAConv2d(ReparamConv2d):
+    """Drop-in ``nn.Conv2d`` trained as an OREPA block, one conv per forward.
+
+    The block kind follows the kernel size: ``k = 1`` the 1x1 block, odd
+    ``3 <= k < large_kernel_threshold`` the six-branch block, odd
+    ``k >= large_kernel_threshold`` stacked 3x3 blocks (the "linear deep
+    stem").  Any stride, padding, dilation, groups (depthwise included) and
+    ``padding_mode`` of ``nn.Conv2d`` are honoured, since a single conv runs.
+
+    A plain conv checkpoint (``weight``, optional ``bias``) loads into the
+    layer so that it computes exactly that conv (origin = weight, origin
+    scale 1, other scales 0), which makes ``init_cfg=dict(type='Pretrained')``
+    with an ImageNet ResNet start as that ResNet.
+
+    In eval/no-grad use the generated kernel is cached and reused until a
+    parameter changes (in-place updates, ``load_state_dict``, moving the
+    module) so unfused evaluation costs one plain conv.  ``fuse()`` returns
+    the equivalent ``nn.Conv2d``.
+
+    Args beyond ``nn.Conv2d``'s:
+        large_kernel_threshold: smallest kernel built as stacked 3x3 blocks.
+        single_init: start as one plain conv (origin scale 1, others 0).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
+                 padding: IntOrPair | str = 0, dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = 'zeros', large_kernel_threshold: int = 7, single_init: bool = False) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode)
+        k = self.kernel_size[0]
+        if k == 1:
+            self.branches = OREPA1x1Branches(in_channels, out_channels, groups)
+        elif k < large_kernel_threshold:
+            self.branches = OREPAKxKBranches(in_channels, out_channels, k, groups)
+        else:
+            self.branches = OREPAStackedBranches(in_channels, out_channels, k, groups)
+        self.single_init = single_init
+        self._cache: Optional[Tuple[tuple, Tensor]] = None
+        if single_init:
+            self.branches.reset_parameters(single_init=True)
+
+    def reset_parameters(self) -> None:
+        """Re-draw the designed initialisation."""
+        self.branches.reset_parameters(single_init=self.single_init)
+        self.reset_bias()
+
+    # -- the generated kernel ---------------------------------------------------
+    @property
+    def weight(self) -> Tensor:
+        """The kernel the layer currently applies (derived, not a parameter)."""
+        return self.branches()
+
+    def _cache_key(self) -> tuple:
+        # A parameter's version counter moves on every in-place update
+        # (optimizer steps, load_state_dict's copy_); data_ptr/dtype catch
+        # .to()/.half() replacing its storage.
+        return tuple((t.data_ptr(), t._version, t.dtype) for t in self.branches.parameters())
+
+    def _cached_kernel(self) -> Tensor:
+        try:
+            key = self._cache_key()
+        except RuntimeError:  # inference tensors have no version counter
+            return self.branches()
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self.branches())
+        return self._cache[1]
+
+    def train(self, mode: bool = True) -> 'OREPAConv2d':
+        self._cache = None
+        return super().train(mode)
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state['_cache'] = None
+        return state
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, padding = self._pad_input(x)
+        params = tuple(self.branches.parameters())
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            out = _OnlineKernelConv.apply(x, self, padding, *params)
+            if self.bias is not None:
+                out = out + self.bias.view(1, -1, 1, 1).to(out.dtype)
+            return out
+        # No gradient for the branches (evaluation, frozen stages): the kernel
+        # is a constant until a parameter changes.
+        return F.conv2d(x, self._cached_kernel(), self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def fused_kernel_bias(self) -> Tuple[Tensor, Optional[Tensor]]:
+        with torch.no_grad():
+            return self.branches().detach().clone(), None if self.bias is None else self.bias.detach().clone()
+
+    # -- loading plain checkpoints ---------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        plain_key = prefix + 'weight'
+        branch_prefix = prefix + 'branches.'
+        if plain_key in state_dict and not any(k.startswith(branch_prefix) for k in state_dict):
+            weight = state_dict.pop(plain_key)
+            expected = (self.out_channels, self.in_channels // self.groups) + self.kernel_size
+            if tuple(weight.shape) != expected:
+                error_msgs.append(f'size mismatch for {plain_key}: copying a plain conv weight of shape '
+                                  f'{tuple(weight.shape)} into an OREPAConv2d expecting {expected}')
+            else:
+                values = {name: t.detach() for name, t in self.branches.state_dict().items()}
+                values.update(self.branches.plain_state(weight))
+                for name, t in values.items():
+                    state_dict[branch_prefix + name] = t
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
