@@ -1,4 +1,27 @@
-"""orepa_mm: online convolutional re-parameterization for OpenMMLab."""
+"""orepa_mm: online convolutional re-parameterization (OREPA) for OpenMMLab.
+
+Importing the package (configs do it with ``custom_imports``):
+
+* registers the ``OREPA`` and ``DBB`` conv layers for ``conv_cfg``, and the
+  ``OREPAResNet``/``DBBResNet`` backbones into every installed framework
+  (mmdet, mmseg);
+* allowlists the globals of mmengine checkpoints for
+  ``torch.load(weights_only=True)`` (see :mod:`orepa_mm.checkpoint`).
+
+Public API: :class:`OREPAConv2d`, :class:`DBBConv2d`, :func:`fuse_model`,
+and the kernel algebra in :mod:`orepa_mm.kernels`.
+"""
+from . import kernels
+from .checkpoint import install_safe_globals
+from .fuse import count_reparam_layers, fuse_model
+from .layers import DBBConv2d, OREPAConv2d, ReparamConv2d
+from .models.backbones import register_backbones
+from .registry import register_conv_layers
 from .version import __version__
 
-__all__ = ['__version__']
+install_safe_globals()
+register_conv_layers()
+register_backbones()
+
+__all__ = ['__version__', 'kernels', 'OREPAConv2d', 'DBBConv2d', 'ReparamConv2d', 'fuse_model',
+           'count_reparam_layers']

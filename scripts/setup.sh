@@ -37,8 +37,15 @@ fi
 
 step="create virtual environment"
 if [ ! -x "$PY" ]; then
-  log "creating $VENV"
-  "${PYTHON:-python3}" -m venv "$VENV"
+  BASE_PY="${PYTHON:-python3}"
+  # A CUDA build of torch in the base interpreter is kept: the venv sees it.
+  if "$BASE_PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
+    log "creating $VENV with the base interpreter's CUDA torch visible"
+    "$BASE_PY" -m venv --system-site-packages "$VENV"
+  else
+    log "creating $VENV"
+    "$BASE_PY" -m venv "$VENV"
+  fi
 fi
 
 step="install torch"
@@ -49,26 +56,28 @@ else
   "${PIP[@]}" install "$TORCH_SPEC"
 fi
 
-step="install build tools for mmcv"
-# mmcv 2.1.0's setup.py imports pkg_resources (gone in setuptools>=70 for it),
-# and mim needs pkg_resources too.
-"${PIP[@]}" install -q 'setuptools<70' wheel ninja 'numpy>=1.24,<3'
-
 step="install mmcv 2.1.0 with compiled ops"
 if "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'" 2>/dev/null; then
   log "mmcv 2.1.0 with ops already installed"
 else
+  # mmcv 2.1.0's setup.py needs an old setuptools (it imports pkg_resources
+  # APIs); it builds without isolation against the installed torch.
+  "${PIP[@]}" install -q 'setuptools<70' wheel ninja 'numpy>=1.24,<3'
   log "installing mmcv==2.1.0 with ops (a cold build takes ~13 min on 2 cores; pip's wheel cache makes reruns fast)"
   MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-2}" "${PIP[@]}" install --no-build-isolation mmcv==2.1.0
   "$PY" -c "import mmcv.ops" || { echo "mmcv installed but mmcv.ops does not import" >&2; exit 1; }
 fi
 
+# From here on: torch 2.13 asks for setuptools>=77.0.3, while mim imports
+# pkg_resources, which setuptools 82 removed.
+SETUPTOOLS='setuptools>=77.0.3,<82'
+
 step="install OpenMMLab frameworks and tools"
 "${PIP[@]}" install -q mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2 openmim==0.3.9 \
-  ftfy regex 'setuptools<70'
+  ftfy regex "$SETUPTOOLS"
 
 step="install orepa_mm (editable) with test extras"
-"${PIP[@]}" install -q --no-build-isolation -e "$ROOT[tests]"
+"${PIP[@]}" install -q --no-build-isolation -e "$ROOT[tests]" "$SETUPTOOLS"
 
 step="verify imports"
 "$PY" -c "import torch, mmcv, mmcv.ops, mmengine, mmdet, mmseg, mim, orepa_mm; print('torch', torch.__version__, '| mmcv', mmcv.__version__, '| mmdet', mmdet.__version__, '| mmseg', mmseg.__version__, '| orepa_mm', orepa_mm.__version__)"

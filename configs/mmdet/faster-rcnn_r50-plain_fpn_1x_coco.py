@@ -1,0 +1,4 @@
+# faster-rcnn R50-FPN 1x on COCO, plain ResNet-50: the stock mmdet config, plus
+# orepa_mm's import so checkpoints load under torch>=2.6 weights-only loading.
+_base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
+custom_imports = dict(imports=['orepa_mm'], allow_failed_imports=False)

@@ -1,0 +1,65 @@
+"""Loading checkpoints with ``torch.load(weights_only=True)``.
+
+torch >= 2.6 loads with ``weights_only=True`` by default and refuses any
+pickled global that is not allowlisted.  mmengine 0.10.7 calls ``torch.load``
+without the argument, and its checkpoints carry a few harmless globals (the
+message hub's ``HistoryBuffer`` and the numpy arrays and scalars inside it),
+so ``mim test``, ``resume`` and ``load_from`` fail.  Importing ``orepa_mm``
+allowlists exactly those globals (:data:`SAFE_GLOBALS`) instead of turning
+``weights_only`` off: any other global, e.g. a pickled ``os.system`` call,
+is still refused.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from typing import Any, List
+
+import numpy as np
+import torch
+
+__all__ = ['safe_globals', 'install_safe_globals', 'load_checkpoint_file', 'CheckpointError']
+
+
+def safe_globals() -> List[Any]:
+    """The globals found in mmengine/mmdet/mmseg training checkpoints.
+
+    Listed by scanning real checkpoints with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint``
+    (``tests/test_checkpoint_safety.py`` re-checks this on fresh ones).
+    """
+    from mmengine.logging.history_buffer import HistoryBuffer
+    core = np._core if hasattr(np, '_core') else np.core  # numpy 2 renamed np.core
+    dtypes = [type(np.dtype(t)) for t in ('float64', 'float32', 'float16', 'int64', 'int32', 'uint8', 'bool')]
+    return [HistoryBuffer, core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype, *dtypes]
+
+
+SAFE_GLOBALS: List[Any] = []
+
+
+def install_safe_globals() -> None:
+    """Allowlist :func:`safe_globals` for ``torch.load(weights_only=True)``."""
+    if not SAFE_GLOBALS:
+        SAFE_GLOBALS.extend(safe_globals())
+    torch.serialization.add_safe_globals(SAFE_GLOBALS)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used; the message says why."""
+
+
+def load_checkpoint_file(path: str, map_location: str = 'cpu') -> Any:
+    """``torch.load(path, weights_only=True)`` with one clear error per failure:
+    missing file, corrupt or truncated file, or a disallowed global."""
+    install_safe_globals()
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint not found: {path}')
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f'refusing to load {path}: it contains objects outside the weights-only '
+                              f'allowlist ({str(e).splitlines()[0]})') from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f'cannot read checkpoint {path}: the file is corrupt or truncated '
+                              f'({str(e).splitlines()[0]})') from None

@@ -1,0 +1,1 @@
+"""Model components (backbones) built on orepa_mm layers."""

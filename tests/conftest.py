@@ -1,0 +1,111 @@
+"""Shared fixtures: the repository root, toy data and subprocess helpers."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / 'tools'
+
+
+def load_tool(name: str):
+    """Import ``tools/<name>.py`` as a module."""
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(cmd: List[str], cwd: Path, env: Optional[dict] = None, timeout: int = 600,
+        check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command, return the completed process; on failure show its output tail."""
+    full_env = dict(os.environ, **(env or {}))
+    proc = subprocess.run(cmd, cwd=str(cwd), env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'command failed ({proc.returncode}): {" ".join(map(str, cmd))}\n'
+                             f'--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}')
+    return proc
+
+
+def last_metric(text: str, key: str) -> float:
+    """The last value of ``key: <number>`` in an mmengine log."""
+    found = re.findall(re.escape(key) + r': (-?[0-9.]+)', text)
+    assert found, f'no {key} in output:\n{text[-3000:]}'
+    return float(found[-1])
+
+
+def bin_path(name: str) -> str:
+    """An executable of the running interpreter's environment (e.g. mim)."""
+    return str(Path(sys.executable).parent / name)
+
+
+@pytest.fixture(scope='session')
+def toy_root(tmp_path_factory) -> Path:
+    """A working directory holding ``data/toy/{coco,cityscapes}`` (small sets),
+    so configs with ``data_root='data/toy/...'`` run from it unchanged."""
+    root = tmp_path_factory.mktemp('toywork')
+    toy = load_tool('make_toy_data')
+    toy.make_coco(root / 'data' / 'toy' / 'coco', 16, 8, 160, 0)
+    toy.make_cityscapes(root / 'data' / 'toy' / 'cityscapes', 8, 4, (128, 256), 0)
+    return root
+
+
+@pytest.fixture(scope='session')
+def no_orepa_env(tmp_path_factory) -> dict:
+    """Environment for a subprocess in which ``import orepa_mm`` fails, to prove
+    that deploy artefacts do not need the package."""
+    d = tmp_path_factory.mktemp('block_orepa')
+    (d / 'sitecustomize.py').write_text(
+        'import importlib.abc, sys\n'
+        'class _Block(importlib.abc.MetaPathFinder):\n'
+        '    def find_spec(self, name, path=None, target=None):\n'
+        "        if name == 'orepa_mm' or name.startswith('orepa_mm.'):\n"
+        "            raise ImportError('orepa_mm is blocked in this process')\n"
+        '        return None\n'
+        'sys.meta_path.insert(0, _Block())\n')
+    return {'PYTHONPATH': str(d)}
+
+
+# -- real training runs, shared by the end-to-end, safety and fuse tests ------------
+DET_CFG = ROOT / 'configs/toy/faster-rcnn_r18_fpn_toy-coco_orepa.py'
+SEG_CFG = ROOT / 'configs/toy/pspnet_r18-d8_toy-cityscapes_orepa.py'
+DET_ITERS, SEG_ITERS = 40, 20
+
+
+def _iters(n: int, ckpt_every: int) -> list:
+    return ['--cfg-options', f'train_cfg.max_iters={n}', f'train_cfg.val_interval={n}',
+            f'default_hooks.checkpoint.interval={ckpt_every}', 'default_hooks.logger.interval=5']
+
+
+@pytest.fixture(scope='module')
+def det_run(toy_root: Path) -> dict:
+    work = toy_root / 'work_det'
+    train = run([bin_path('mim'), 'train', 'mmdet', str(DET_CFG), '--work-dir', str(work)]
+                + _iters(DET_ITERS, DET_ITERS // 2), cwd=toy_root)
+    ckpt = work / f'iter_{DET_ITERS}.pth'
+    assert ckpt.is_file(), train.stdout[-2000:]
+    test = run([bin_path('mim'), 'test', 'mmdet', str(DET_CFG), '--checkpoint', str(ckpt), '--work-dir',
+                str(toy_root / 'test_det'), '--out', str(toy_root / 'det_preds.pkl')], cwd=toy_root)
+    return dict(work=work, ckpt=ckpt, train=train.stdout + train.stderr, test=test.stdout + test.stderr)
+
+
+@pytest.fixture(scope='module')
+def seg_run(toy_root: Path) -> dict:
+    work = toy_root / 'work_seg'
+    train = run([bin_path('mim'), 'train', 'mmseg', str(SEG_CFG), '--work-dir', str(work)]
+                + _iters(SEG_ITERS, SEG_ITERS), cwd=toy_root)
+    ckpt = work / f'iter_{SEG_ITERS}.pth'
+    assert ckpt.is_file(), train.stdout[-2000:]
+    test = run([bin_path('mim'), 'test', 'mmseg', str(SEG_CFG), '--checkpoint', str(ckpt), '--work-dir',
+                str(toy_root / 'test_seg')], cwd=toy_root)
+    return dict(work=work, ckpt=ckpt, train=train.stdout + train.stderr, test=test.stdout + test.stderr)
+
+

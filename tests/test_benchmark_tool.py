@@ -1,0 +1,101 @@
+"""Tests for tools/benchmark.py: the saved-tensor counter, and a tiny end-to-end run of the CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / 'tools' / 'benchmark.py'
+sys.path.insert(0, str(SCRIPT.parent))
+
+import benchmark as bm  # noqa: E402
+
+FLOAT_BYTES = 4
+
+
+def _conv_relu_stack() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, stride=2, padding=1), nn.ReLU())
+
+
+def test_counter_counts_inputs_once_and_excludes_parameters() -> None:
+    model = _conv_relu_stack()
+    x = torch.randn(2, 3, 8, 8)
+    with bm.SavedTensorCounter(bm.model_tensors(model)) as counter:
+        y = model(x)
+    # conv1 keeps its input x; ReLU keeps its output, which conv2 keeps as its
+    # input too (one storage); the last ReLU keeps its output.  The conv
+    # weights are saved as well, but they are parameters: excluded.
+    expected = (2 * 3 * 8 * 8 + 2 * 4 * 8 * 8 + 2 * 5 * 4 * 4) * FLOAT_BYTES
+    assert counter.nbytes == expected
+    assert counter.num_storages == 3
+    y.sum().backward()  # the graph is intact
+
+    with bm.SavedTensorCounter() as everything:
+        y = model(x)
+    weights = sum(m.weight.numel() for m in model if isinstance(m, nn.Conv2d)) * FLOAT_BYTES
+    assert everything.nbytes == expected + weights
+
+
+def test_counter_skips_graphs_dropped_before_backward() -> None:
+    model = _conv_relu_stack()
+    x = torch.randn(1, 3, 8, 8)
+    with bm.SavedTensorCounter(model.parameters()) as counter:
+        model(x)  # output (and graph) discarded at once
+    assert counter.nbytes == 0
+    nbytes, out = bm.count_saved_bytes(lambda: model(x), model.parameters())
+    assert nbytes == (3 * 8 * 8 + 4 * 8 * 8 + 5 * 4 * 4) * FLOAT_BYTES
+    assert out.shape == (1, 5, 4, 4)
+
+
+def test_counter_ignores_no_grad() -> None:
+    model = _conv_relu_stack()
+    with torch.no_grad(), bm.SavedTensorCounter(model.parameters()) as counter:
+        y = model(torch.randn(1, 3, 8, 8))
+    assert counter.nbytes == 0 and not y.requires_grad
+
+
+def test_cli_smoke(tmp_path: Path) -> None:
+    pytest.importorskip('mmdet')
+    cmd = [sys.executable, str(SCRIPT), '--models', 'resnet18', '--variants', 'plain', 'orepa', 'dbb',
+           '--batch-size', '1', '--input-size', '64', '64', '--rounds', '1', '--warmup', '1', '--device', 'cpu',
+           '--out-dir', str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    stem = tmp_path / 'benchmark_resnet18_1x64x64'
+    report = json.loads(stem.with_suffix('.json').read_text())
+    assert {'date', 'command', 'device', 'device_name', 'torch_threads', 'versions'} <= set(report['metadata'])
+    assert report['config']['variants'] == ['plain', 'orepa', 'dbb']
+    res = report['results']['resnet18']
+    assert res['baseline'] == 'plain'
+    for variant in ('plain', 'orepa', 'dbb'):
+        result = res['variants'][variant]
+        for key in ('train_step_s', 'eval_unfused_s', 'eval_fused_s'):
+            assert result[key]['median'] > 0 and len(result[key]['all']) == 1
+        for key in ('saved_activation_bytes', 'param_bytes', 'grad_bytes', 'optimizer_state_bytes',
+                    'param_grad_optimizer_bytes', 'params'):
+            assert result[key] > 0
+        assert result['cuda_max_allocated_bytes'] is None  # CPU run
+        assert result['fused_reparam_layers'] == 0
+    assert res['variants']['plain']['reparam_layers'] == 0
+    assert res['variants']['orepa']['reparam_layers'] == res['variants']['dbb']['reparam_layers'] > 0
+    for key in ('train_step_s', 'saved_activation_bytes', 'param_grad_optimizer_bytes', 'eval_unfused_s',
+                'eval_fused_s', 'params'):
+        assert res['ratios']['plain'][key] == 1.0
+    # DBB runs every branch on the feature map: more activations than plain;
+    # OREPA keeps only each conv's input, like plain.
+    acts = {v: res['variants'][v]['saved_activation_bytes'] for v in ('plain', 'orepa', 'dbb')}
+    assert acts['dbb'] > acts['orepa'] >= acts['plain']
+    assert res['ratios']['dbb']['saved_activation_bytes'] == pytest.approx(acts['dbb'] / acts['plain'])
+
+    md = stem.with_suffix('.md').read_text()
+    assert '| resnet18 | orepa |' in md and '(1.00x)' in md
+    pytest.importorskip('matplotlib')
+    png = stem.with_suffix('.png').read_bytes()
+    assert png[:8] == b'\x89PNG\r\n\x1a\n'

@@ -1,0 +1,87 @@
+"""End to end with the real frameworks on the toy data: ``mim train`` and
+``mim test`` for an mmdet and an mmseg config (COCO bbox mAP, Cityscapes
+mIoU), resuming, fusing a trained checkpoint into a deploy checkpoint that
+vanilla mmdet/mmseg test in a process where orepa_mm cannot be imported,
+and a 2-process (gloo) distributed run."""
+from __future__ import annotations
+
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DET_CFG, DET_ITERS, ROOT, SEG_CFG, _iters, bin_path, last_metric, run
+
+pytestmark = pytest.mark.slow
+
+def test_mim_train_and_test_detector(det_run):
+    # Evaluated during training and by `mim test` (which loads the checkpoint
+    # with torch's weights-only loader: this is what the allowlist enables).
+    last_metric(det_run['train'], 'coco/bbox_mAP')
+    m = last_metric(det_run['test'], 'coco/bbox_mAP')
+    assert 0.0 <= m <= 1.0
+    assert 'OREPAResNet' in det_run['train'] or 'OREPA' in det_run['train']
+
+
+def test_mim_train_and_test_segmentor(seg_run):
+    miou = last_metric(seg_run['test'], 'mIoU')
+    assert 0.0 < miou <= 100.0, 'a segmentor trained on the toy data must get some classes right'
+
+
+def test_resume_continues_from_checkpoint(det_run, toy_root):
+    work = det_run['work']
+    more = DET_ITERS + 4
+    out = run([bin_path('mim'), 'train', 'mmdet', str(DET_CFG), '--work-dir', str(work), '--resume']
+              + _iters(more, more), cwd=toy_root)
+    log = out.stdout + out.stderr
+    assert f'resumed epoch: 0, iter: {DET_ITERS}' in log.replace('resumed epoch: 1', 'resumed epoch: 0'), log[-3000:]
+    assert (work / f'iter_{more}.pth').is_file()
+    assert f'Iter(train) [{DET_ITERS - 4}/{more}]' not in log  # did not start over
+
+
+@pytest.mark.parametrize('kind', ['det', 'seg'])
+def test_fused_deploy_checkpoint_reproduces_metric_without_orepa_mm(kind, det_run, seg_run, toy_root,
+                                                                    no_orepa_env):
+    cfg, res, metric, fw = ((DET_CFG, det_run, 'coco/bbox_mAP', 'mmdet') if kind == 'det'
+                            else (SEG_CFG, seg_run, 'mIoU', 'mmseg'))
+    out_dir = toy_root / f'fused_{kind}'
+    run([sys.executable, str(ROOT / 'tools/fuse_checkpoint.py'), str(cfg), str(res['ckpt']), str(out_dir),
+         '--verify'], cwd=toy_root)
+    name = cfg.stem
+    fused_cfg, fused_ckpt = out_dir / f'{name}_fused.py', out_dir / f'{name}_fused.pth'
+    text = fused_cfg.read_text()
+    assert 'orepa_mm' not in text and 'OREPA' not in text
+    extra = ['--out', str(toy_root / 'det_preds_fused.pkl')] if kind == 'det' else []
+    test = run([bin_path('mim'), 'test', fw, str(fused_cfg), '--checkpoint', str(fused_ckpt), '--work-dir',
+                str(toy_root / f'test_fused_{kind}')] + extra, cwd=toy_root, env=no_orepa_env)
+    log = test.stdout + test.stderr
+    assert abs(last_metric(log, metric) - last_metric(res['test'], metric)) < 1e-3
+    if kind == 'det':  # beyond the metric: the predictions themselves agree
+        with open(toy_root / 'det_preds.pkl', 'rb') as f:
+            ref = pickle.load(f)
+        with open(toy_root / 'det_preds_fused.pkl', 'rb') as f:
+            got = pickle.load(f)
+        for a, b in zip(ref, got):
+            sa, sb = a['pred_instances']['scores'], b['pred_instances']['scores']
+            n = min(len(sa), len(sb), 20)
+            np.testing.assert_allclose(np.asarray(sa[:n]), np.asarray(sb[:n]), atol=1e-4)
+
+
+def test_blocked_import_really_blocks(no_orepa_env, toy_root):
+    out = run([sys.executable, '-c', 'import orepa_mm'], cwd=toy_root, env=no_orepa_env, check=False)
+    assert out.returncode != 0 and 'blocked' in out.stderr
+
+
+def test_distributed_two_process_gloo(toy_root):
+    work = toy_root / 'work_dist'
+    out = run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29517',
+               str(ROOT / 'tools/train.py'), str(DET_CFG), '--launcher', 'pytorch', '--work-dir', str(work)]
+              + _iters(2, 2), cwd=toy_root, env={'OMP_NUM_THREADS': '1'})
+    log = out.stdout + out.stderr
+    assert 'world_size: 2' in log or 'world size: 2' in log.lower(), log[-3000:]
+    assert (work / 'iter_2.pth').is_file()
+    sd = torch.load(work / 'iter_2.pth', map_location='cpu')['state_dict']  # weights-only by default
+    assert any('branches' in k for k in sd)

@@ -1,0 +1,867 @@
+"""Training and inference cost of plain, DBB and OREPA models, measured in one process.
+
+    python tools/benchmark.py --models resnet50 --variants plain dbb orepa \\
+        --batch-size 2 --input-size 512 512 --rounds 5 --warmup 1 --out-dir benchmark_results
+
+For every model (``resnet18``, ``resnet50``: mmdet ``ResNet``/``DBBResNet``/
+``OREPAResNet`` backbones; ``faster-rcnn``: the Faster R-CNN R50-FPN configs
+of ``configs/mmdet``; ``pspnet``: the PSPNet R50-D8 configs of
+``configs/mmseg``) and every variant it measures:
+
+* training step time: forward, backward, SGD-with-momentum step (median over
+  rounds; the variants alternate inside each round, so that the drift of a
+  shared, noisy machine hits them alike);
+* activation memory: the bytes autograd keeps for backward, counted with
+  :func:`torch.autograd.graph.saved_tensors_hooks`, each storage once,
+  storages of parameters and buffers excluded (they exist anyway): exact and
+  independent of the device; on CUDA also the peak of
+  ``torch.cuda.max_memory_allocated`` during a step, above what was allocated
+  before it;
+* parameter, gradient and optimizer-state bytes;
+* evaluation forward time (no_grad, eval mode) of the unfused model and of
+  the model after :func:`orepa_mm.fuse_model`.
+
+Each figure is also given as a ratio to the first variant (``plain`` by
+default).  Results go to ``<out-dir>/benchmark_<models>_<batch>x<h>x<w>``
+``.json`` (with metadata: versions, device, threads, command line, date),
+``.md`` and ``.png`` (a bar chart of the ratios; skipped, with a note, when
+matplotlib is missing).
+
+``--profile VARIANT`` instead runs :mod:`torch.profiler` over a few training
+steps of that variant of the first model and prints (and saves) the top
+operators by self CPU time.
+
+Synthetic data: a seeded random batch per model, shared by all variants;
+detection samples carry random gt boxes and labels, segmentation samples a
+random label map.  The model's data preprocessor is bypassed (the inputs are
+already "normalised").  Weights: every variant is built after seeding the
+same generator; the parts outside the backbone (neck, heads) are then copied
+from the first variant so that they are identical.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import os
+import os.path as osp
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import weakref
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if REPO not in sys.path:  # run from a checkout without orepa_mm installed
+    sys.path.insert(0, REPO)
+
+VARIANTS = ('plain', 'dbb', 'orepa')
+MODELS = ('resnet18', 'resnet50', 'faster-rcnn', 'pspnet')
+RESNET_TYPES = {'plain': 'ResNet', 'dbb': 'DBBResNet', 'orepa': 'OREPAResNet'}
+DET_CONFIG = 'configs/mmdet/faster-rcnn_r50-{variant}_fpn_1x_coco.py'
+SEG_CONFIG = 'configs/mmseg/pspnet_r50-d8-{variant}_4xb2-80k_cityscapes-512x1024.py'
+
+#: Metrics reported as ratios, in table order: (key, column title, kind).
+METRICS = (
+    ('train_step_s', 'train step', 'time'),
+    ('saved_activation_bytes', 'saved for backward', 'bytes'),
+    ('cuda_max_allocated_bytes', 'CUDA step peak', 'bytes'),
+    ('param_grad_optimizer_bytes', 'params+grads+optim', 'bytes'),
+    ('eval_unfused_s', 'eval (unfused)', 'time'),
+    ('eval_fused_s', 'eval (fused)', 'time'),
+)
+
+
+# ---------------------------------------------------------------------------
+# Counting the bytes kept for backward
+# ---------------------------------------------------------------------------
+def _storage_key(t: Tensor) -> Tuple[str, int]:
+    """Identity of the memory block behind ``t`` (views share it)."""
+    return str(t.device), t.untyped_storage().data_ptr()
+
+
+class SavedTensorCounter:
+    """Context manager counting the bytes autograd saves for backward.
+
+    Every tensor that autograd saves while the context is active is recorded
+    (weakly: the counter keeps nothing alive).  On exit, the storages of the
+    saved tensors that the graph still holds (graphs dropped before backward
+    do not count) are counted once each (views and tensors saved by several nodes share one
+    storage), at their full size.  Storages of the tensors in ``exclude``
+    (the model's parameters and buffers: they exist whether or not a graph
+    is built) are left out.  The count depends only on the model and the
+    input, not on the device or the allocator.
+
+    Read :attr:`nbytes` / :attr:`num_storages` after the ``with`` block,
+    while the output (and so the graph) is still alive::
+
+        with SavedTensorCounter(model.parameters()) as counter:
+            loss = model(x).sum()
+        print(counter.nbytes)
+        loss.backward()
+    """
+
+    def __init__(self, exclude: Iterable[Tensor] = ()) -> None:
+        self._excluded = {_storage_key(t) for t in exclude}
+        self._saved: List[weakref.ReferenceType] = []
+        self._hooks: Optional[contextlib.AbstractContextManager] = None
+        self.nbytes = 0
+        self.num_storages = 0
+
+    def _pack(self, t: Tensor) -> Tensor:
+        # What is returned here is what the graph holds, so a weak reference
+        # to it is alive exactly as long as the graph node that saved it.
+        # Trainable leaves (parameters) are returned as they are: custom
+        # Functions may differentiate with respect to them (OREPA's backward
+        # does).  Anything else is returned as a detached alias (same
+        # storage): a node saving its own output would otherwise form a
+        # reference cycle through ``grad_fn`` that keeps a dropped graph, and
+        # an input the caller holds would look "kept" after its graph is gone.
+        packed = t if t.requires_grad and t.is_leaf else t.detach()
+        self._saved.append(weakref.ref(packed))
+        return packed
+
+    @staticmethod
+    def _unpack(t: Tensor) -> Tensor:
+        return t
+
+    def __enter__(self) -> 'SavedTensorCounter':
+        self._saved.clear()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        assert self._hooks is not None
+        self._hooks.__exit__(*exc)
+        self._hooks = None
+        storages: Dict[Tuple[str, int], int] = {}
+        for ref in self._saved:
+            t = ref()
+            if t is None:  # its graph was dropped before backward: not kept
+                continue
+            try:
+                key, size = _storage_key(t), t.untyped_storage().nbytes()
+            except (RuntimeError, NotImplementedError):  # no plain storage (sparse, wrapper subclasses)
+                key, size = ('id', id(t)), t.numel() * t.element_size()
+            if key not in self._excluded:
+                storages[key] = size
+        self._saved.clear()
+        self.nbytes = sum(storages.values())
+        self.num_storages = len(storages)
+
+
+def count_saved_bytes(fn: Callable[[], Any], exclude: Iterable[Tensor] = ()) -> Tuple[int, Any]:
+    """Run ``fn()`` under a :class:`SavedTensorCounter`; return (bytes, fn's result)."""
+    with SavedTensorCounter(exclude) as counter:
+        out = fn()
+    return counter.nbytes, out
+
+
+def model_tensors(model: nn.Module) -> Iterator[Tensor]:
+    """Parameters and buffers of ``model`` (their storages exist anyway)."""
+    yield from model.parameters()
+    yield from model.buffers()
+
+
+# ---------------------------------------------------------------------------
+# Workloads: a model family, its synthetic batch, its loss and its inference
+# ---------------------------------------------------------------------------
+class Workload:
+    """One benchmarked model: builds each variant and runs it on a fixed batch."""
+
+    name = ''
+    #: state_dict prefix of the part that differs between variants.
+    backbone_prefix = ''
+
+    def __init__(self, batch_size: int, input_size: Tuple[int, int], device: torch.device, seed: int) -> None:
+        self.batch_size, self.input_size, self.device, self.seed = batch_size, input_size, device, seed
+        gen = torch.Generator().manual_seed(seed)
+        self.inputs = torch.randn(batch_size, 3, *input_size, generator=gen).to(device)
+        self._make_samples(gen)
+
+    def _make_samples(self, gen: torch.Generator) -> None:
+        """Create the synthetic data samples (none for a bare backbone)."""
+
+    def build(self, variant: str) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module) -> Tensor:
+        raise NotImplementedError
+
+    def predict(self, model: nn.Module) -> Any:
+        raise NotImplementedError
+
+    def describe(self, variant: str) -> str:
+        """What was built, for the metadata."""
+        return ''
+
+
+class ResNetWorkload(Workload):
+    """An mmdet ResNet backbone; loss = sum over stages of the mean square of the output."""
+
+    def __init__(self, depth: int, *args: Any) -> None:
+        self.depth = depth
+        self.name = f'resnet{depth}'
+        super().__init__(*args)
+
+    def _cfg(self, variant: str) -> dict:
+        return dict(type=RESNET_TYPES[variant], depth=self.depth, norm_eval=False, frozen_stages=-1, init_cfg=None)
+
+    def build(self, variant: str) -> nn.Module:
+        from mmdet.registry import MODELS
+        return MODELS.build(self._cfg(variant))
+
+    def loss(self, model: nn.Module) -> Tensor:
+        return sum(out.float().pow(2).mean() for out in model(self.inputs))
+
+    def predict(self, model: nn.Module) -> Any:
+        return model(self.inputs)
+
+    def describe(self, variant: str) -> str:
+        return f'mmdet {self._cfg(variant)}'
+
+
+def _replace_type(cfg: Any, old: str, new: str) -> None:
+    """Replace ``type=old`` by ``type=new`` everywhere in a nested config."""
+    if isinstance(cfg, dict):
+        if cfg.get('type') == old:
+            cfg['type'] = new
+        for value in cfg.values():
+            _replace_type(value, old, new)
+    elif isinstance(cfg, (list, tuple)):
+        for value in cfg:
+            _replace_type(value, old, new)
+
+
+class _ConfigWorkload(Workload):
+    """A detector or segmentor built from one of the repository's configs."""
+
+    backbone_prefix = 'backbone.'
+    scope = ''
+    config_template = ''
+
+    def config_path(self, variant: str) -> str:
+        return osp.join(REPO, self.config_template.format(variant=variant))
+
+    def model_cfg(self, variant: str) -> Any:
+        from mmengine.config import Config
+        cfg = Config.fromfile(self.config_path(variant))
+        cfg.model.backbone.init_cfg = None  # random weights, no download
+        return cfg.model
+
+    def build(self, variant: str) -> nn.Module:
+        import importlib
+
+        from mmengine.registry import DefaultScope
+        importlib.import_module(f'{self.scope}.utils').register_all_modules(init_default_scope=False)
+        registry = importlib.import_module(f'{self.scope}.registry').MODELS
+        cfg = self.model_cfg(variant)
+        with DefaultScope.overwrite_default_scope(self.scope):
+            return registry.build(cfg)
+
+    def _metainfo(self) -> dict:
+        shape = tuple(self.input_size)
+        return dict(img_shape=shape, ori_shape=shape, pad_shape=shape, batch_input_shape=shape,
+                    scale_factor=(1.0, 1.0), flip=False, flip_direction=None)
+
+    def loss(self, model: nn.Module) -> Tensor:
+        losses = model(self.inputs, self.train_samples, mode='loss')
+        return model.parse_losses(losses)[0]
+
+    def predict(self, model: nn.Module) -> Any:
+        return model(self.inputs, self.eval_samples(), mode='predict')
+
+    def eval_samples(self) -> list:
+        raise NotImplementedError
+
+    def describe(self, variant: str) -> str:
+        backbone = self.model_cfg(variant).backbone
+        return f'{osp.relpath(self.config_path(variant), REPO)} (backbone {backbone.type}, ' \
+               f'frozen_stages={backbone.get("frozen_stages")}, norm_eval={backbone.get("norm_eval")})'
+
+
+class FasterRCNNWorkload(_ConfigWorkload):
+    """Faster R-CNN R50-FPN (configs/mmdet); 3 random gt boxes per image, 80 classes."""
+
+    name = 'faster-rcnn'
+    scope = 'mmdet'
+    config_template = DET_CONFIG
+    num_boxes = 3
+
+    def _boxes(self, gen: torch.Generator) -> Tensor:
+        h, w = self.input_size
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+        xy = torch.rand(self.num_boxes, 2, generator=gen) * 0.7
+        wh = 0.1 + torch.rand(self.num_boxes, 2, generator=gen) * 0.2
+        return torch.cat([xy, xy + wh], dim=1) * scale
+
+    def _make_samples(self, gen: torch.Generator) -> None:
+        from mmdet.structures import DetDataSample
+        from mmengine.structures import InstanceData
+        self.train_samples = []
+        for _ in range(self.batch_size):
+            sample = DetDataSample(metainfo=self._metainfo())
+            sample.gt_instances = InstanceData(
+                bboxes=self._boxes(gen).to(self.device),
+                labels=torch.randint(0, 80, (self.num_boxes, ), generator=gen).to(self.device))
+            self.train_samples.append(sample)
+
+    def eval_samples(self) -> list:
+        from mmdet.structures import DetDataSample
+        return [DetDataSample(metainfo=self._metainfo()) for _ in range(self.batch_size)]
+
+
+class PSPNetWorkload(_ConfigWorkload):
+    """PSPNet R50-D8 (configs/mmseg), SyncBN replaced by BN; random 19-class label maps."""
+
+    name = 'pspnet'
+    scope = 'mmseg'
+    config_template = SEG_CONFIG
+    num_classes = 19
+
+    def model_cfg(self, variant: str) -> Any:
+        cfg = super().model_cfg(variant)
+        _replace_type(cfg, 'SyncBN', 'BN')
+        cfg.pretrained = None
+        return cfg
+
+    def _make_samples(self, gen: torch.Generator) -> None:
+        from mmengine.structures import PixelData
+        from mmseg.structures import SegDataSample
+        self.train_samples = []
+        for _ in range(self.batch_size):
+            sample = SegDataSample(metainfo=self._metainfo())
+            labels = torch.randint(0, self.num_classes, (1, *self.input_size), generator=gen)
+            sample.gt_sem_seg = PixelData(data=labels.to(self.device))
+            self.train_samples.append(sample)
+
+    def eval_samples(self) -> list:
+        from mmseg.structures import SegDataSample
+        return [SegDataSample(metainfo=self._metainfo()) for _ in range(self.batch_size)]
+
+
+def make_workload(name: str, batch_size: int, input_size: Tuple[int, int], device: torch.device,
+                  seed: int) -> Workload:
+    """The :class:`Workload` called ``name`` (one of :data:`MODELS`)."""
+    args = (batch_size, input_size, device, seed)
+    if name in ('resnet18', 'resnet50'):
+        return ResNetWorkload(int(name[len('resnet'):]), *args)
+    if name == 'faster-rcnn':
+        return FasterRCNNWorkload(*args)
+    if name == 'pspnet':
+        return PSPNetWorkload(*args)
+    raise ValueError(f'unknown model {name!r}; choose from {MODELS}')
+
+
+def share_weights(src: nn.Module, dst: nn.Module, skip_prefix: str) -> int:
+    """Copy the entries of ``src``'s state_dict outside ``skip_prefix`` into
+    ``dst`` where name and shape match; return how many were copied.  An
+    empty ``skip_prefix`` (a bare backbone: nothing is shared) copies nothing."""
+    if not skip_prefix:
+        return 0
+    dst_state = dst.state_dict()
+    shared = {k: v for k, v in src.state_dict().items()
+              if not k.startswith(skip_prefix) and k in dst_state and dst_state[k].shape == v.shape}
+    dst.load_state_dict(shared, strict=False)
+    return len(shared)
+
+
+# ---------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------
+class Trainee:
+    """One variant of one workload: the model, its optimizer and a train step."""
+
+    def __init__(self, workload: Workload, variant: str, model: nn.Module, amp: bool, lr: float) -> None:
+        self.workload, self.variant, self.model = workload, variant, model
+        self.device = workload.device
+        self.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                         momentum=0.9, weight_decay=1e-4)
+        self.amp_dtype = (torch.float16 if self.device.type == 'cuda' else torch.bfloat16) if amp else None
+        self.scaler = torch.amp.GradScaler('cuda') if self.amp_dtype == torch.float16 else None
+        self.last_loss = float('nan')
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def forward_loss(self) -> Tensor:
+        with self.autocast():
+            return self.workload.loss(self.model)
+
+    def backward_step(self, loss: Tensor) -> None:
+        """Backward, optimizer step, then drop the gradients (set_to_none)."""
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def train_step(self) -> None:
+        torch.manual_seed(self.workload.seed)  # the same proposal sampling etc. for every variant
+        loss = self.forward_loss()
+        self.backward_step(loss)
+        self.last_loss = loss.item()
+
+    def memory_step(self) -> Dict[str, Optional[int]]:
+        """A train step that counts the saved bytes (and the CUDA peak)."""
+        cuda = self.device.type == 'cuda'
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+        torch.manual_seed(self.workload.seed)
+        with SavedTensorCounter(model_tensors(self.model)) as counter:
+            loss = self.forward_loss()
+        self.backward_step(loss)
+        out: Dict[str, Optional[int]] = dict(saved_activation_bytes=counter.nbytes,
+                                              saved_storages=counter.num_storages, cuda_max_allocated_bytes=None)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            out['cuda_max_allocated_bytes'] = torch.cuda.max_memory_allocated(self.device) - base
+        return out
+
+    def state_bytes(self) -> Dict[str, int]:
+        """Parameters, gradients (of trainable parameters) and optimizer state, in bytes."""
+        params = list(self.model.parameters())
+        param_bytes = sum(p.numel() * p.element_size() for p in params)
+        grad_bytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+        optim_bytes = sum(t.numel() * t.element_size() for state in self.optimizer.state.values()
+                          for t in state.values() if torch.is_tensor(t))
+        return dict(params=sum(p.numel() for p in params),
+                    trainable_params=sum(p.numel() for p in params if p.requires_grad),
+                    param_bytes=param_bytes, grad_bytes=grad_bytes, optimizer_state_bytes=optim_bytes,
+                    param_grad_optimizer_bytes=param_bytes + grad_bytes + optim_bytes)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds taken by ``fn()`` (synchronising CUDA before and after)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def summary(values: Sequence[float]) -> Dict[str, Any]:
+    return dict(median=statistics.median(values), min=min(values), max=max(values), all=list(values))
+
+
+def progress(message: str) -> None:
+    stamp = datetime.datetime.now().strftime('%H:%M:%S')
+    print(f'[benchmark {stamp}] {message}', flush=True)
+
+
+def build_trainees(workload: Workload, variants: Sequence[str], args: argparse.Namespace) -> List[Trainee]:
+    """Build every variant with the same seed; share the non-backbone weights."""
+    trainees: List[Trainee] = []
+    for variant in variants:
+        torch.manual_seed(args.seed)
+        model = workload.build(variant)
+        if trainees:
+            share_weights(trainees[0].model, model, workload.backbone_prefix)
+        model.to(workload.device).train()
+        trainees.append(Trainee(workload, variant, model, args.amp, args.lr))
+        progress(f'{workload.name}: built {variant} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M '
+                 f'parameters)')
+    return trainees
+
+
+def benchmark_model(name: str, args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+    """All measurements of one model, its variants alternating."""
+    from orepa_mm import count_reparam_layers, fuse_model
+
+    workload = make_workload(name, args.batch_size, tuple(args.input_size), device, args.seed)
+    trainees = build_trainees(workload, args.variants, args)
+    results: Dict[str, Dict[str, Any]] = {
+        t.variant: dict(built=workload.describe(t.variant), reparam_layers=count_reparam_layers(t.model))
+        for t in trainees}
+
+    for w in range(args.warmup):
+        for t in trainees:
+            t.train_step()
+            progress(f'{name} | warm-up {w + 1}/{args.warmup} | {t.variant} | train step done')
+    for t in trainees:
+        results[t.variant].update(t.memory_step())
+        r = results[t.variant]
+        cuda = r['cuda_max_allocated_bytes']
+        progress(f'{name} | {t.variant} | saved for backward {r["saved_activation_bytes"] / 1e6:.1f} MB'
+                 + ('' if cuda is None else f', CUDA step peak {cuda / 1e6:.1f} MB'))
+
+    step_times: Dict[str, List[float]] = {t.variant: [] for t in trainees}
+    for r in range(args.rounds):
+        for t in trainees:
+            seconds = timed(lambda: [t.train_step() for _ in range(args.iters)], device) / args.iters
+            step_times[t.variant].append(seconds)
+            progress(f'{name} | round {r + 1}/{args.rounds} | {t.variant} | train step {seconds:.4f} s '
+                     f'(loss {t.last_loss:.4g})')
+    for t in trainees:
+        results[t.variant]['train_step_s'] = summary(step_times[t.variant])
+        results[t.variant].update(t.state_bytes())
+        results[t.variant]['final_loss'] = t.last_loss
+
+    if not args.skip_eval:
+        benchmark_eval(workload, trainees, results, args, fuse_model, count_reparam_layers)
+    for t in trainees:  # free the memory before the next model
+        t.model, t.optimizer = None, None
+    return dict(baseline=args.variants[0], variants=results, ratios=ratios(results, args.variants[0]))
+
+
+def benchmark_eval(workload: Workload, trainees: Sequence[Trainee], results: Dict[str, Dict[str, Any]],
+                   args: argparse.Namespace, fuse_model: Callable, count_reparam_layers: Callable) -> None:
+    """Eval-mode forward times (no_grad) before and after fusing, variants alternating."""
+    device, name = workload.device, workload.name
+    models: Dict[str, Dict[str, nn.Module]] = {}
+    for t in trainees:
+        t.model.eval()
+        fused = fuse_model(t.model)
+        fused.eval()  # (mmdet's ResNet.train() returns None: no chaining)
+        results[t.variant]['fused_reparam_layers'] = count_reparam_layers(fused)
+        models[t.variant] = dict(unfused=t.model, fused=fused)
+
+    def forward(t: Trainee, model: nn.Module) -> None:
+        with torch.no_grad(), t.autocast():
+            workload.predict(model)
+
+    for _ in range(args.warmup):
+        for t in trainees:
+            for model in models[t.variant].values():
+                forward(t, model)
+    times = {t.variant: dict(unfused=[], fused=[]) for t in trainees}
+    for r in range(args.rounds):
+        for t in trainees:
+            for kind, model in models[t.variant].items():
+                seconds = timed(lambda: [forward(t, model) for _ in range(args.iters)], device) / args.iters
+                times[t.variant][kind].append(seconds)
+            progress(f'{name} | eval round {r + 1}/{args.rounds} | {t.variant} | unfused '
+                     f'{times[t.variant]["unfused"][-1]:.4f} s, fused {times[t.variant]["fused"][-1]:.4f} s')
+    for t in trainees:
+        results[t.variant]['eval_unfused_s'] = summary(times[t.variant]['unfused'])
+        results[t.variant]['eval_fused_s'] = summary(times[t.variant]['fused'])
+        t.model.train()
+
+
+def metric_value(result: Dict[str, Any], key: str) -> Optional[float]:
+    """A metric's number: the median for timings, the value itself otherwise."""
+    value = result.get(key)
+    if isinstance(value, dict):
+        value = value['median']
+    return value
+
+
+def ratios(results: Dict[str, Dict[str, Any]], baseline: str) -> Dict[str, Dict[str, Optional[float]]]:
+    """Every metric of every variant divided by the baseline variant's."""
+    out: Dict[str, Dict[str, Optional[float]]] = {}
+    keys = [key for key, _, _ in METRICS] + ['params']
+    for variant, result in results.items():
+        out[variant] = {}
+        for key in keys:
+            value, base = metric_value(result, key), metric_value(results[baseline], key)
+            out[variant][key] = None if value is None or not base else value / base
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Profiling
+# ---------------------------------------------------------------------------
+def profile(args: argparse.Namespace, device: torch.device, stem: str) -> str:
+    """Profile ``args.profile_steps`` training steps of one variant; return the table."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    name, variant = args.models[0], args.profile
+    workload = make_workload(name, args.batch_size, tuple(args.input_size), device, args.seed)
+    trainee = build_trainees(workload, [variant], args)[0]
+    for _ in range(max(args.warmup, 1)):
+        trainee.train_step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    progress(f'profiling {args.profile_steps} training steps of {name} {variant}')
+    with torch_profile(activities=activities) as prof:
+        for _ in range(args.profile_steps):
+            trainee.train_step()
+            if device.type == 'cuda':
+                torch.cuda.synchronize(device)
+    table = prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=args.profile_top)
+    if device.type == 'cuda':
+        table += '\n\n' + prof.key_averages().table(sort_by='self_cuda_time_total', row_limit=args.profile_top)
+    header = (f'# torch.profiler: {args.profile_steps} training steps of {name} ({variant}), batch '
+              f'{args.batch_size}, input {args.input_size[0]}x{args.input_size[1]}, device {device}'
+              f'{", AMP" if args.amp else ""}; top {args.profile_top} ops by self CPU time\n')
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = osp.join(args.out_dir, f'profile_{name}_{variant}_{stem}.txt')
+    with open(path, 'w') as f:
+        f.write(header + table + '\n')
+    print(header + table, flush=True)
+    progress(f'wrote {path}')
+    return table
+
+
+# ---------------------------------------------------------------------------
+# Metadata and reports
+# ---------------------------------------------------------------------------
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or 'unknown'
+
+
+def package_versions() -> Dict[str, Optional[str]]:
+    import importlib
+    out: Dict[str, Optional[str]] = {}
+    for module in ('torch', 'mmengine', 'mmcv', 'mmdet', 'mmseg', 'orepa_mm', 'numpy'):
+        try:
+            out[module] = importlib.import_module(module).__version__
+        except Exception:  # noqa: BLE001 - a missing or broken package is just not reported
+            out[module] = None
+    return out
+
+
+def git_commit() -> Optional[str]:
+    try:
+        return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def metadata(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+    meta: Dict[str, Any] = dict(
+        date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+        command=' '.join(shlex.quote(a) for a in [sys.executable] + sys.argv),
+        python=platform.python_version(), platform=platform.platform(), versions=package_versions(),
+        git_commit=git_commit(), device=str(device), cpu=cpu_model(), cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(), amp=(None if not args.amp else
+                                                   'float16' if device.type == 'cuda' else 'bfloat16'))
+    if device.type == 'cuda':
+        meta['device_name'] = torch.cuda.get_device_name(device)
+        meta['cuda'] = torch.version.cuda
+    else:
+        meta['device_name'] = meta['cpu']
+    return meta
+
+
+def fmt_value(value: Optional[float], kind: str) -> str:
+    if value is None:
+        return '-'
+    if kind == 'time':
+        return f'{value * 1e3:.1f} ms' if value < 1 else f'{value:.3f} s'
+    if kind == 'bytes':
+        return f'{value / 1e9:.2f} GB' if value >= 1e9 else f'{value / 1e6:.1f} MB'
+    return f'{value / 1e6:.2f}M'
+
+
+def table_rows(report: Dict[str, Any]) -> Tuple[List[str], List[List[str]]]:
+    """Header and rows of the results table ("value (ratio x)" cells)."""
+    cuda = report['metadata']['device'].startswith('cuda')
+    metrics = [m for m in METRICS if cuda or m[0] != 'cuda_max_allocated_bytes']
+    header = ['model', 'variant', 'params'] + [title for _, title, _ in metrics]
+    rows = []
+    for name, res in report['results'].items():
+        for variant, result in res['variants'].items():
+            ratio = res['ratios'][variant]
+            row = [name, variant, f'{fmt_value(result["params"], "count")} ({ratio["params"]:.2f}x)']
+            for key, _, kind in metrics:
+                value = metric_value(result, key)
+                row.append('-' if value is None else f'{fmt_value(value, kind)} ({ratio[key]:.2f}x)')
+            rows.append(row)
+    return header, rows
+
+
+def comparisons(report: Dict[str, Any]) -> List[str]:
+    """The paper's two claims, where plain, DBB and OREPA were all measured:
+    OREPA's extra activation memory over plain relative to DBB's, and its
+    training speed-up over DBB."""
+    lines = []
+    for name, res in report['results'].items():
+        v = res['variants']
+        if not all(k in v for k in VARIANTS):
+            continue
+        act = {k: v[k]['saved_activation_bytes'] for k in VARIANTS}
+        step = {k: v[k]['train_step_s']['median'] for k in VARIANTS}
+        parts = []
+        if act['dbb'] != act['plain']:
+            share = (act['orepa'] - act['plain']) / (act['dbb'] - act['plain'])
+            parts.append(f'OREPA needs {share:.0%} of DBB\'s extra activation memory over plain '
+                         f'({1 - share:.0%} less)')
+        parts.append(f'OREPA trains {step["dbb"] / step["orepa"]:.2f}x as fast as DBB')
+        lines.append(f'{name}: ' + '; '.join(parts))
+    return lines
+
+
+def text_table(header: List[str], rows: List[List[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: '  '.join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return '\n'.join([line(header), line(['-' * w for w in widths])] + [line(r) for r in rows])
+
+
+def markdown(report: Dict[str, Any]) -> str:
+    meta, cfg = report['metadata'], report['config']
+    header, rows = table_rows(report)
+    h, w = cfg['input_size']
+    lines = [f'# Benchmark: {", ".join(cfg["models"])}, batch {cfg["batch_size"]}, input {h}x{w}', '',
+             f'- date: {meta["date"]}', f'- device: {meta["device"]} ({meta["device_name"]}), '
+             f'{meta["torch_threads"]} torch threads, {meta["cpu_count"]} CPUs', f'- torch {meta["versions"]["torch"]}'
+             f', AMP: {meta["amp"] or "off"}',
+             f'- {cfg["rounds"]} rounds (median), {cfg["warmup"]} warm-up, {cfg["iters"]} step(s) per timing, '
+             'variants alternating in one process',
+             f'- command: `{meta["command"]}`', '',
+             'Each cell: value (ratio to ' + f'{cfg["variants"][0]}). "saved for backward": bytes autograd keeps for '
+             'backward, each storage once, parameters and buffers excluded. "params+grads+optim": parameters, '
+             'their gradients and the SGD momentum buffers. Times: median seconds per step / forward.', '',
+             '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
+    extra = comparisons(report)
+    if extra:
+        lines += [''] + [f'- {line}' for line in extra]
+    return '\n'.join(lines) + '\n'
+
+
+def draw_chart(report: Dict[str, Any], path: str) -> bool:
+    """Bar chart of the ratios, one panel per model; False if matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    cuda = report['metadata']['device'].startswith('cuda')
+    metrics = [m for m in METRICS if cuda or m[0] != 'cuda_max_allocated_bytes']
+    names = list(report['results'])
+    variants = report['config']['variants']
+    fig, axes = plt.subplots(len(names), 1, figsize=(1.6 * len(metrics) * max(len(variants), 2) / 2 + 2,
+                                                     3.6 * len(names)), squeeze=False)
+    width = 0.8 / len(variants)
+    for ax, name in zip(axes[:, 0], names):
+        res = report['results'][name]
+        for i, variant in enumerate(variants):
+            values = [res['ratios'][variant][key] or 0.0 for key, _, _ in metrics]
+            xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(metrics))]
+            bars = ax.bar(xs, values, width, label=variant)
+            for bar, value in zip(bars, values):
+                ax.annotate(f'{value:.2f}', (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha='center', va='bottom', fontsize=7)
+        ax.axhline(1.0, color='gray', linestyle='--', linewidth=0.8)
+        ax.set_xticks(range(len(metrics)))
+        ax.set_xticklabels([title for _, title, _ in metrics], fontsize=8)
+        ax.set_ylabel(f'ratio to {res["baseline"]}')
+        ax.set_title(name, fontsize=10)
+        ax.legend(fontsize=8)
+    cfg, meta = report['config'], report['metadata']
+    fig.suptitle(f'batch {cfg["batch_size"]}, input {cfg["input_size"][0]}x{cfg["input_size"][1]}, '
+                 f'{meta["device_name"]}{", AMP" if cfg["amp"] else ""}', fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--models', nargs='+', default=['resnet50'], choices=MODELS)
+    parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=VARIANTS,
+                        help='the first one is the baseline of the ratios')
+    parser.add_argument('--batch-size', type=int, default=2)
+    parser.add_argument('--input-size', type=int, nargs=2, default=[512, 512], metavar=('H', 'W'))
+    parser.add_argument('--rounds', type=int, default=5, help='timed rounds; the median is reported')
+    parser.add_argument('--warmup', type=int, default=1, help='untimed steps per variant first')
+    parser.add_argument('--iters', type=int, default=1, help='steps per timing (their mean is one sample)')
+    parser.add_argument('--out-dir', default='benchmark_results')
+    parser.add_argument('--device', choices=['cpu', 'cuda'], default=None,
+                        help='default: cuda when available, else cpu')
+    parser.add_argument('--amp', action='store_true', help='torch.autocast: bfloat16 on CPU, float16 on CUDA')
+    parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch\'s)')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--lr', type=float, default=1e-3, help='SGD learning rate (momentum 0.9)')
+    parser.add_argument('--skip-eval', action='store_true', help='skip the evaluation-forward timings')
+    parser.add_argument('--profile', choices=VARIANTS, default=None,
+                        help='only profile training steps of this variant of the first model')
+    parser.add_argument('--profile-steps', type=int, default=3)
+    parser.add_argument('--profile-top', type=int, default=25, help='rows of the profile table')
+    args = parser.parse_args(argv)
+    if len(set(args.variants)) != len(args.variants) or len(set(args.models)) != len(args.models):
+        parser.error('--models and --variants must not repeat')
+    if min(args.rounds, args.iters, args.batch_size, *args.input_size) < 1 or args.warmup < 0:
+        parser.error('--rounds, --iters, --batch-size and --input-size must be >= 1, --warmup >= 0')
+    return args
+
+
+def output_stem(args: argparse.Namespace, device: torch.device) -> str:
+    h, w = args.input_size
+    stem = f'{args.batch_size}x{h}x{w}'
+    if device.type == 'cuda':
+        stem += '_cuda'
+    if args.amp:
+        stem += '_amp'
+    return stem
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit('--device cuda: CUDA is not available')
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import orepa_mm  # noqa: F401 - registers the OREPA/DBB layers and backbones
+
+    stem = output_stem(args, device)
+    if args.profile:
+        profile(args, device, stem)
+        return {}
+
+    start = time.perf_counter()
+    report: Dict[str, Any] = dict(metadata=metadata(args, device), config=dict(
+        models=args.models, variants=args.variants, batch_size=args.batch_size, input_size=args.input_size,
+        rounds=args.rounds, warmup=args.warmup, iters=args.iters, amp=args.amp, seed=args.seed, lr=args.lr,
+        optimizer='SGD(momentum=0.9, weight_decay=1e-4)'), results={})
+    for name in args.models:
+        report['results'][name] = benchmark_model(name, args, device)
+    report['metadata']['wall_time_s'] = round(time.perf_counter() - start, 1)
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    base = osp.join(args.out_dir, f'benchmark_{"_".join(args.models)}_{stem}')
+    with open(base + '.json', 'w') as f:
+        json.dump(report, f, indent=2)
+    with open(base + '.md', 'w') as f:
+        f.write(markdown(report))
+    header, rows = table_rows(report)
+    print('\n' + text_table(header, rows), flush=True)
+    for line in comparisons(report):
+        print(line)
+    written = [base + '.json', base + '.md']
+    if draw_chart(report, base + '.png'):
+        written.append(base + '.png')
+    else:
+        print('matplotlib is not installed: no chart drawn (pip install matplotlib)')
+    print(f'wrote {", ".join(written)} in {report["metadata"]["wall_time_s"]:.0f} s', flush=True)
+    return report
+
+
+if __name__ == '__main__':
+    main()
