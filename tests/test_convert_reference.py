@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 pytest.importorskip('mmdet')
-import orepa_mm  # noqa: E402,F401  (registers conv_cfg type 'OREPA')
 from mmdet.models.backbones import ResNet  # noqa: E402
+
+import orepa_mm  # noqa: E402  (registers conv_cfg type 'OREPA')
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'tools' / 'convert_reference_checkpoint.py'
@@ -166,12 +167,12 @@ def expected_train_model(sd: Dict[str, Tensor], depth: int) -> torch.nn.Module:
             plain[f'{bn}.{name}'] = sd[f'{layer}.bn.{name}']
     model = ResNet(depth=depth)
     model.load_state_dict(plain, strict=True)
-    return model.eval()
+    return model
 
 
 def expected_deploy_model(sd: Dict[str, Tensor], depth: int) -> torch.nn.Module:
     """Vanilla mmdet ResNet computing ``conv(x, W) + b`` per layer: identity BNs, the bias added by a hook."""
-    model = ResNet(depth=depth).eval()
+    model = ResNet(depth=depth)
     plain = {k: v for k, v in model.state_dict().items()}
     for key, weight in sd.items():
         m = re.fullmatch(r'(.*)\.(?:or_large|or1x1|orepa)_reparam\.weight', key)
@@ -191,8 +192,9 @@ def expected_deploy_model(sd: Dict[str, Tensor], depth: int) -> torch.nn.Module:
 
 
 def run(model: torch.nn.Module, x: Tensor) -> Tuple[Tensor, ...]:
+    model.eval()  # mmdet's ResNet.train() returns None, so no chaining
     with torch.no_grad():
-        return tuple(model.eval()(x))
+        return tuple(model(x))
 
 
 def assert_same_outputs(actual: Tuple[Tensor, ...], expected: Tuple[Tensor, ...]) -> None:
@@ -206,7 +208,7 @@ def assert_same_outputs(actual: Tuple[Tensor, ...], expected: Tuple[Tensor, ...]
 
 def load_strict(model: torch.nn.Module, state: Dict[str, Tensor]) -> torch.nn.Module:
     model.load_state_dict(state, strict=True)
-    return model.eval()
+    return model
 
 
 # -- fixtures ------------------------------------------------------------------------------------------
@@ -370,11 +372,13 @@ def test_bad_layouts(case: str, r18: Dict) -> None:
         crc.convert(sd)
 
 
-def test_cli_exit_status(tmp_path: Path) -> None:
-    """The script runs as a program and reports failure through its exit status."""
+def test_script_exit_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Run as a program, the script reports failure through its exit status (in-process: a fresh
+    interpreter would spend most of the time importing mmdet)."""
     dst = tmp_path / 'x.pth'
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / 'nope.pth.tar'), str(dst)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    assert 'checkpoint not found' in proc.stderr
+    monkeypatch.setattr(sys, 'argv', [str(SCRIPT), str(tmp_path / 'nope.pth.tar'), str(dst)])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(str(SCRIPT), run_name='__main__')
+    assert exc.value.code == 1
+    assert 'checkpoint not found' in capsys.readouterr().err
     assert not dst.exists()

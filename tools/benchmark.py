@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime
 import json
 import os
@@ -428,6 +427,7 @@ class Trainee:
         with SavedTensorCounter(model_tensors(self.model)) as counter:
             loss = self.forward_loss()
         self.backward_step(loss)
+        self.last_loss = loss.item()
         out: Dict[str, Optional[int]] = dict(saved_activation_bytes=counter.nbytes,
                                               saved_storages=counter.num_storages, cuda_max_allocated_bytes=None)
         if cuda:
@@ -493,16 +493,23 @@ def benchmark_model(name: str, args: argparse.Namespace, device: torch.device) -
         t.variant: dict(built=workload.describe(t.variant), reparam_layers=count_reparam_layers(t.model))
         for t in trainees}
 
-    for w in range(args.warmup):
+    # Memory is measured in the last warm-up step, or in an extra untimed
+    # step without one.  On CUDA not in the very first step: that one also
+    # allocates the momentum buffers and the library workspaces.
+    memory_in_warmup = args.warmup >= (2 if device.type == 'cuda' else 1)
+    steps = args.warmup if memory_in_warmup else args.warmup + 1
+    for w in range(steps):
         for t in trainees:
-            t.train_step()
-            progress(f'{name} | warm-up {w + 1}/{args.warmup} | {t.variant} | train step done')
-    for t in trainees:
-        results[t.variant].update(t.memory_step())
-        r = results[t.variant]
-        cuda = r['cuda_max_allocated_bytes']
-        progress(f'{name} | {t.variant} | saved for backward {r["saved_activation_bytes"] / 1e6:.1f} MB'
-                 + ('' if cuda is None else f', CUDA step peak {cuda / 1e6:.1f} MB'))
+            if w < steps - 1:
+                t.train_step()
+                progress(f'{name} | warm-up {w + 1}/{args.warmup} | {t.variant} | train step done')
+                continue
+            results[t.variant].update(t.memory_step())
+            r = results[t.variant]
+            cuda = r['cuda_max_allocated_bytes']
+            progress(f'{name} | memory step | {t.variant} | saved for backward '
+                     f'{r["saved_activation_bytes"] / 1e6:.1f} MB'
+                     + ('' if cuda is None else f', CUDA step peak {cuda / 1e6:.1f} MB'))
 
     step_times: Dict[str, List[float]] = {t.variant: [] for t in trainees}
     for r in range(args.rounds):

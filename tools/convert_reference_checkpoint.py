@@ -210,7 +210,8 @@ def detect_depth(state: Mapping[str, Tensor]) -> int:
                               f'stage{{1-4}}.{{block}}.* keys, found e.g. {sample})')
     counts = tuple(max(blocks[s]) + 1 for s in (1, 2, 3, 4))
     if any(blocks[s] != set(range(n)) for s, n in zip((1, 2, 3, 4), counts)):
-        raise ConversionError(f'unknown layout: block indices are not contiguous: {[sorted(blocks[s]) for s in blocks]}')
+        found = {s: sorted(blocks[s]) for s in sorted(blocks)}
+        raise ConversionError(f'unknown layout: the block indices per stage are not contiguous: {found}')
     block = 'bottleneck' if any(k.startswith('stage1.0.conv3.') for k in state) else 'basic'
     for depth, arch in ARCH.items():
         if arch == (block, counts):

@@ -39,7 +39,8 @@ class DBBConv2d(ReparamConv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
                  padding: IntOrPair | str = 0, dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: str = 'zeros', eps: float = 1e-5, momentum: float = 0.1) -> None:
+                 padding_mode: str = 'zeros', eps: float = 1e-5, momentum: float = 0.1,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode)
         k = self.kernel_size[0]
@@ -53,14 +54,29 @@ class DBBConv2d(ReparamConv2d):
             self.bn_1x1 = bn()
             self.weight_avg = nn.Parameter(torch.empty(out_channels, in_g, 1, 1))
             self.bn_avg = bn()
-            self.register_buffer('avg_window', K.box_kernel(k).expand(out_channels, 1, k, k).contiguous(),
-                                 persistent=False)
+            self.register_buffer('avg_window', self._avg_window(torch.float32), persistent=False)
         self.weight_1x1_kxk_first = nn.Parameter(torch.empty(internal, in_g, 1, 1))
         self.weight_1x1_kxk_second = nn.Parameter(torch.empty(out_channels, internal // groups, k, k))
         self.bn_1x1_kxk = bn()
         self.register_buffer('identity_1x1_kxk', K.grouped_identity(internal, in_g)[:, :, None, None],
                              persistent=False)
         self.reset_parameters()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
+    def _avg_window(self, dtype: torch.dtype, device: Optional[torch.device] = None) -> Tensor:
+        k = self.kernel_size[0]
+        window = K.box_kernel(k, torch.float64).expand(self.out_channels, 1, k, k)
+        self._built_for = dtype
+        return window.to(dtype=dtype, device=device).contiguous()
+
+    def _apply(self, fn, *args, **kwargs):
+        # Rebuild the box from its formula after a dtype change (exact 1/k^2).
+        super()._apply(fn, *args, **kwargs)
+        window = getattr(self, 'avg_window', None)
+        if window is not None and self._built_for != self.weight_kxk.dtype:
+            self.avg_window = self._avg_window(self.weight_kxk.dtype, self.weight_kxk.device)
+        return self
 
     def reset_parameters(self) -> None:
         with torch.no_grad():

@@ -126,16 +126,30 @@ class OREPAKxKBranches(nn.Module):
         # Constant buffers, built once and not saved: avg box, frequency prior
         # and centre tap stacked so that the three "1x1 kernel times a fixed
         # k x k pattern" branches are a single einsum.
-        centre = torch.zeros(k, k)
-        centre[k // 2, k // 2] = 1
-        patterns = torch.stack([K.box_kernel(k).expand(out_channels, k, k),
-                                K.frequency_prior(out_channels, k),
-                                centre.expand(out_channels, k, k)], dim=1)
-        self.register_buffer('spatial_patterns', patterns.flatten(2).contiguous(), persistent=False)
+        self.internal = internal
+        self.register_buffer('spatial_patterns', self._patterns(torch.float32), persistent=False)
         self.register_buffer('identity_1x1_kxk', K.grouped_identity(internal, in_g), persistent=False)
         self.reset_parameters()
 
     INIT_SCALES = (0.25, 0.25, 0.0, 0.5, 1.0, 0.5)
+
+    def _patterns(self, dtype: torch.dtype, device: Optional[torch.device] = None) -> Tensor:
+        o, k = self.out_channels, self.kernel_size
+        centre = torch.zeros(k, k, dtype=torch.float64)
+        centre[k // 2, k // 2] = 1
+        patterns = torch.stack([K.box_kernel(k, torch.float64).expand(o, k, k),
+                                K.frequency_prior(o, k, torch.float64), centre.expand(o, k, k)], dim=1)
+        self._built_for = dtype
+        return patterns.flatten(2).to(dtype=dtype, device=device).contiguous()
+
+    def _apply(self, fn, *args, **kwargs):
+        # Rebuild the constants from their formulas after a dtype change, so
+        # that .double() gives float64-exact patterns, not widened float32.
+        super()._apply(fn, *args, **kwargs)
+        ref = self.weight_origin
+        if self._built_for != ref.dtype:  # the buffer itself was just cast: compare with what it was built in
+            self.spatial_patterns = self._patterns(ref.dtype, ref.device)
+        return self
 
     def reset_parameters(self, single_init: bool = False) -> None:
         with torch.no_grad():
@@ -272,8 +286,10 @@ class OREPAConv2d(ReparamConv2d):
     with an ImageNet ResNet start as that ResNet.
 
     In eval/no-grad use the generated kernel is cached and reused until a
-    parameter changes (in-place updates, ``load_state_dict``, moving the
-    module) so unfused evaluation costs one plain conv.  ``fuse()`` returns
+    parameter changes (optimizer steps, ``load_state_dict``, any in-place op
+    on a parameter, moving the module) or ``train()``/``eval()`` is called,
+    so unfused evaluation costs one plain conv.  Writes through ``p.data``
+    bypass PyTorch's version counters; call ``eval()`` again after them.  ``fuse()`` returns
     the equivalent ``nn.Conv2d``.
 
     Args beyond ``nn.Conv2d``'s:
@@ -283,7 +299,8 @@ class OREPAConv2d(ReparamConv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
                  padding: IntOrPair | str = 0, dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: str = 'zeros', large_kernel_threshold: int = 7, single_init: bool = False) -> None:
+                 padding_mode: str = 'zeros', large_kernel_threshold: int = 7, single_init: bool = False,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode)
         k = self.kernel_size[0]
@@ -297,6 +314,8 @@ class OREPAConv2d(ReparamConv2d):
         self._cache: Optional[Tuple[tuple, Tensor]] = None
         if single_init:
             self.branches.reset_parameters(single_init=True)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     def reset_parameters(self) -> None:
         """Re-draw the designed initialisation."""
@@ -321,7 +340,9 @@ class OREPAConv2d(ReparamConv2d):
         except RuntimeError:  # inference tensors have no version counter
             return self.branches()
         if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
+            # Not an inference tensor, even when filled under inference_mode,
+            # so that a later grad-mode forward of a frozen layer can use it.
+            with torch.inference_mode(False), torch.no_grad():
                 self._cache = (key, self.branches())
         return self._cache[1]
 
