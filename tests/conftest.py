@@ -68,7 +68,7 @@ def no_orepa_env(tmp_path_factory) -> dict:
         'class _Block(importlib.abc.MetaPathFinder):\n'
         '    def find_spec(self, name, path=None, target=None):\n'
         "        if name == 'orepa_mm' or name.startswith('orepa_mm.'):\n"
-        "            raise ImportError('orepa_mm is blocked in this process')\n"
+        "            raise ModuleNotFoundError('orepa_mm is blocked in this process')\n"
         '        return None\n'
         'sys.meta_path.insert(0, _Block())\n')
     return {'PYTHONPATH': str(d)}

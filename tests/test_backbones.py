@@ -178,7 +178,7 @@ def test_import_with_only_one_framework(missing, present, tmp_path):
         'class _Block(importlib.abc.MetaPathFinder):\n'
         '    def find_spec(self, name, path=None, target=None):\n'
         f'        if name == {missing!r} or name.startswith({missing + "."!r}):\n'
-        '            raise ImportError("blocked")\n'
+        '            raise ModuleNotFoundError("blocked")\n'
         'sys.meta_path.insert(0, _Block())\n'
         'import importlib.util\n'
         '_orig = importlib.util.find_spec\n'

@@ -220,9 +220,15 @@ def x() -> Tensor:
 
 
 @pytest.fixture(scope='module')
-def r18(x: Tensor) -> Dict:
+def r18(x: Tensor, tmp_path_factory: pytest.TempPathFactory) -> Dict:
+    """ResNet-18: the synthetic checkpoint (in memory, and saved as the authors ship it and as a bare
+    state dict), the expected outputs and the target model."""
     sd = synth_reference('official_orepa_resnet18_train_keys.tsv', seed=18)
-    return dict(sd=sd, expected=run(expected_train_model(sd, 18), x), orepa=ResNet(depth=18, conv_cfg=OREPA_CFG))
+    files = tmp_path_factory.mktemp('r18')
+    torch.save({'state_dict': {f'module.{k}': v for k, v in sd.items()}, 'epoch': 120}, files / 'orepa_res18.pth.tar')
+    torch.save(sd, files / 'bare.pth')
+    return dict(sd=sd, expected=run(expected_train_model(sd, 18), x), orepa=ResNet(depth=18, conv_cfg=OREPA_CFG),
+                official=files / 'orepa_res18.pth.tar', bare=files / 'bare.pth')
 
 
 @pytest.fixture(scope='module')
@@ -265,9 +271,8 @@ def test_stem_mapping_reproduces_cross_correlation() -> None:
 
 
 def test_resnet18_cli_pth_tar_module_prefix(r18: Dict, x: Tensor, tmp_path: Path, capsys) -> None:
-    src, dst = tmp_path / 'orepa_res18.pth.tar', tmp_path / 'out' / 'orepa_r18.pth'
-    torch.save({'state_dict': {f'module.{k}': v for k, v in r18['sd'].items()}, 'epoch': 120}, src)
-    code, out, err = cli([src, dst], capsys)
+    dst = tmp_path / 'out' / 'orepa_r18.pth'
+    code, out, err = cli([r18['official'], dst], capsys)
     assert code == 0, err
     assert 'ResNet-18, train form' in out and 'linear.weight' in out and crc.STEM_FLIPPED in out
     ckpt = torch.load(dst, weights_only=True)
@@ -282,9 +287,8 @@ def test_resnet18_cli_pth_tar_module_prefix(r18: Dict, x: Tensor, tmp_path: Path
 
 
 def test_resnet18_fused_bare_state_dict(r18: Dict, x: Tensor, tmp_path: Path, capsys) -> None:
-    src, dst = tmp_path / 'bare.pth', tmp_path / 'fused.pth'
-    torch.save(r18['sd'], src)
-    code, out, err = cli([src, dst, '--fused'], capsys)
+    dst = tmp_path / 'fused.pth'
+    code, out, err = cli([r18['bare'], dst, '--fused'], capsys)
     assert code == 0, err
     ckpt = torch.load(dst, weights_only=True)
     assert ckpt['meta']['target'] == 'ResNet' and ckpt['meta']['backbone'] == dict(type='ResNet', depth=18)
@@ -316,13 +320,12 @@ def test_resnet50_deploy(r50: Dict, x: Tensor, fused: bool) -> None:
 
 
 def test_refuses_to_overwrite_without_force(r18: Dict, tmp_path: Path, capsys) -> None:
-    src, dst = tmp_path / 'ref.pth', tmp_path / 'existing.pth'
-    torch.save({'state_dict': r18['sd']}, src)
+    dst = tmp_path / 'existing.pth'
     dst.write_bytes(b'keep me')
-    code, _, err = cli([src, dst, '--fused'], capsys)
+    code, _, err = cli([r18['bare'], dst, '--fused'], capsys)
     assert code == 1 and '--force' in err
     assert dst.read_bytes() == b'keep me'
-    code, _, err = cli([src, dst, '--fused', '--force'], capsys)
+    code, _, err = cli([r18['bare'], dst, '--fused', '--force'], capsys)
     assert code == 0, err
     assert 'state_dict' in torch.load(dst, weights_only=True)
 

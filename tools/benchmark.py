@@ -815,6 +815,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error('--models and --variants must not repeat')
     if min(args.rounds, args.iters, args.batch_size, *args.input_size) < 1 or args.warmup < 0:
         parser.error('--rounds, --iters, --batch-size and --input-size must be >= 1, --warmup >= 0')
+    if 'pspnet' in args.models and args.batch_size < 2 and not args.profile:
+        parser.error('pspnet needs --batch-size >= 2: its pyramid pooling has a 1x1 bin followed by BN, '
+                     'which cannot train on one value per channel')
     return args
 
 

@@ -323,22 +323,45 @@ def _rotate_kxk(state: Dict[str, Tensor], cout: int, k: int) -> Optional[Dict[st
     return out
 
 
-def _kernel(module: torch.nn.Module, state: Mapping[str, Tensor]) -> Tensor:
-    """The kernel ``module`` generates from ``state``, computed in float64."""
-    module = module.double()
-    module.load_state_dict({k: v.double() for k, v in state.items()}, strict=True)
-    with torch.no_grad():
-        return module()
+class _Modules:
+    """Branch modules by shape, built once per conversion (building one draws its initial values)."""
+
+    def __init__(self) -> None:
+        self._modules: Dict[Tuple[int, int, int], torch.nn.Module] = {}
+        self._fresh: Dict[Tuple[int, int, int], Dict[str, Tensor]] = {}
+
+    @staticmethod
+    def _build(cin: int, cout: int, k: int) -> torch.nn.Module:
+        if k == 1:
+            return OREPA1x1Branches(cin, cout)
+        return OREPAKxKBranches(cin, cout, k) if k < 7 else OREPAStackedBranches(cin, cout, k)
+
+    def get(self, cin: int, cout: int, k: int) -> torch.nn.Module:
+        if (cin, cout, k) not in self._modules:
+            self._modules[cin, cout, k] = self._build(cin, cout, k)
+        return self._modules[cin, cout, k]
+
+    def fresh_state(self, cin: int, cout: int, k: int) -> Dict[str, Tensor]:
+        """The values of a newly built layer, drawn from ``FILL_SEED`` (the same for every layer of a shape)."""
+        if (cin, cout, k) not in self._fresh:
+            torch.manual_seed(FILL_SEED)
+            module = self._build(cin, cout, k)
+            self._fresh[cin, cout, k] = {name: t.detach() for name, t in module.state_dict().items()}
+        return dict(self._fresh[cin, cout, k])
+
+    def kernel(self, cin: int, cout: int, k: int, state: Mapping[str, Tensor], dtype: torch.dtype) -> Tensor:
+        """The kernel the branch module generates from ``state``, computed in ``dtype``."""
+        module = self.get(cin, cout, k).to(dtype)
+        module.load_state_dict({name: t.to(dtype) for name, t in state.items()}, strict=True)
+        with torch.no_grad():
+            return module().detach().clone()
 
 
-def _plain_branch_state(spec: LayerSpec, weight: Tensor) -> Dict[str, Tensor]:
+def _plain_branch_state(modules: _Modules, spec: LayerSpec, weight: Tensor) -> Dict[str, Tensor]:
     """Branch values of a fresh (fixed-seed) layer set up to compute the plain kernel ``weight``."""
     k, cin, cout = spec.kernel_size, spec.in_channels, spec.out_channels
-    torch.manual_seed(FILL_SEED)
-    module = (OREPA1x1Branches(cin, cout) if k == 1 else
-              OREPAKxKBranches(cin, cout, k) if k < 7 else OREPAStackedBranches(cin, cout, k))
-    state = {name: t.detach().to(weight.dtype) for name, t in module.state_dict().items()}
-    plain = module.plain_state(weight if k > 1 else weight.flatten(1))
+    state = {name: t.to(weight.dtype) for name, t in modules.fresh_state(cin, cout, k).items()}
+    plain = modules.get(cin, cout, k).plain_state(weight if k > 1 else weight.flatten(1))
     state.update({name: t.to(weight.dtype) for name, t in plain.items()})
     return state
 
@@ -353,8 +376,8 @@ class _Layer:
     stem_mapping: Optional[str] = None
 
 
-def _read_plain(r: _Reader, spec: LayerSpec, key_prefix: str, kind: str, form: Optional[str],
-                fused: bool) -> _Layer:
+def _read_plain(r: _Reader, modules: _Modules, spec: LayerSpec, key_prefix: str, kind: str,
+                form: Optional[str], fused: bool) -> _Layer:
     """A conv with an optional bias and an optional BN ``<layer>.bn`` (deploy form, ResNet-18/34 shortcut)."""
     k, cin, cout = spec.kernel_size, spec.in_channels, spec.out_channels
     weight = r.take(f'{key_prefix}.weight', (cout, cin, k, k))
@@ -367,50 +390,49 @@ def _read_plain(r: _Reader, spec: LayerSpec, key_prefix: str, kind: str, form: O
             bn['running_mean'] = K.fold_bias_into_bn(bias, bn['running_mean'])
     else:
         bn = _pass_through_bn(bias if bias is not None else weight.new_zeros(cout))
-    branches = None if fused else _plain_branch_state(spec, weight)
+    branches = None if fused else _plain_branch_state(modules, spec, weight)
     return _Layer(kind, form, branches, weight, bn)
 
 
-def _read_layer(r: _Reader, spec: LayerSpec, fused: bool) -> _Layer:
+def _read_layer(r: _Reader, modules: _Modules, spec: LayerSpec, fused: bool) -> _Layer:
     """Read the reference layer ``spec.source`` in whichever form the checkpoint has it."""
     p, k, cin, cout = spec.source, spec.kernel_size, spec.in_channels, spec.out_channels
     deploy = f'{p}.{DEPLOY_NAMES[k]}'
     if r.has(f'{deploy}.weight'):
-        return _read_plain(r, spec, deploy, 'deploy conv', 'deploy', fused)
+        return _read_plain(r, modules, spec, deploy, 'deploy conv', 'deploy', fused)
     if r.has(f'{p}.conv.weight'):
-        return _read_plain(r, spec, f'{p}.conv', 'plain conv', None, fused)
+        return _read_plain(r, modules, spec, f'{p}.conv', 'plain conv', None, fused)
     if k == 7:
-        return _read_stem(r, spec)
+        return _read_stem(r, modules, spec)
     if k == 1:
         branches = _read_1x1(r, p, cin, cout)
-        kernel = _kernel(OREPA1x1Branches(cin, cout), branches) if fused else None
+        kernel = modules.kernel(cin, cout, k, branches, branches['weight_origin'].dtype) if fused else None
         return _Layer('OREPA 1x1', 'train', branches, kernel, _read_bn(r, f'{p}.bn', cout))
     branches = _read_kxk(r, p, cin, cout, k)
-    kernel = _kernel(OREPAKxKBranches(cin, cout, k), branches) if fused else None
+    kernel = modules.kernel(cin, cout, k, branches, branches['weight_origin'].dtype) if fused else None
     return _Layer(f'OREPA {k}x{k}', 'train', branches, kernel, _read_bn(r, f'{p}.bn', cout))
 
 
-def _read_stem(r: _Reader, spec: LayerSpec) -> _Layer:
+def _read_stem(r: _Reader, modules: _Modules, spec: LayerSpec) -> _Layer:
     """The reference large-kernel block: three 3x3 OREPA kernels composed by cross-correlation."""
     p, cin, cout, k = spec.source, spec.in_channels, spec.out_channels, spec.kernel_size
     n = (k - 1) // 2
     subs = [_read_kxk(r, f'{p}.weight{i}', cin if i == 0 else cout, cout, 3) for i in range(n)]
-    generated = [_kernel(OREPAKxKBranches(cin if i == 0 else cout, cout, 3), s) for i, s in enumerate(subs)]
+    # float64 here: the stem is small and the mapping check below compares to rounding error.
+    generated = [modules.kernel(cin if i == 0 else cout, cout, 3, s, torch.float64) for i, s in enumerate(subs)]
     reference = generated[0]
     for g in generated[1:]:
         reference = K.cross_correlate_kernels(reference, g)
     bn = _read_bn(r, f'{p}.bn', cout)
     dtype = subs[0]['weight_origin'].dtype
 
-    torch.manual_seed(FILL_SEED)
-    stacked = OREPAStackedBranches(cin, cout, k)  # fixed-seed draw for the origin branch
-    state = {name: t.detach().to(dtype) for name, t in stacked.state_dict().items()}
+    state = {name: t.to(dtype) for name, t in modules.fresh_state(cin, cout, k).items()}  # origin: fixed draw
     rotated = [subs[0]] + [_rotate_kxk(s, cout, 3) for s in subs[1:]]
     if all(s is not None for s in rotated):
         for i, s in enumerate(rotated):
             state.update({f'stack.{i}.{name}': t for name, t in s.items()})
         state['branch_scales'] = torch.stack([torch.zeros(cout), torch.ones(cout)]).to(dtype)
-        ours = _kernel(stacked, state)
+        ours = modules.kernel(cin, cout, k, state, torch.float64)
         if (ours - reference).abs().max() <= 1e-9 * reference.abs().max().clamp_min(1e-30):
             return _Layer('OREPA stem', 'train', state, reference, bn, STEM_FLIPPED)
     # Fallback: the composed kernel as the origin branch; the generators are kept, switched off.
@@ -440,9 +462,10 @@ def convert(checkpoint: Any, fused: bool = False) -> Conversion:
     kinds: Counter = Counter()
     forms = set()
     stem_mapping = None
-    with torch.random.fork_rng(devices=[]):  # the fixed-seed fills leave the caller's RNG alone
+    modules = _Modules()
+    with torch.random.fork_rng(devices=[]):  # building modules draws numbers: leave the caller's RNG alone
         for spec in layer_specs(depth):
-            layer = _read_layer(reader, spec, fused)
+            layer = _read_layer(reader, modules, spec, fused)
             kinds[layer.kind] += 1
             if layer.form is not None:
                 forms.add(layer.form)
