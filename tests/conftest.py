@@ -109,3 +109,14 @@ def seg_run(toy_root: Path) -> dict:
     return dict(work=work, ckpt=ckpt, train=train.stdout + train.stderr, test=test.stdout + test.stderr)
 
 
+
+
+# -- figures that tests measure and report (printed at the end of the run) --------
+REPORT: dict = {}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if REPORT:
+        terminalreporter.section('orepa_mm measurements')
+        for key, value in REPORT.items():
+            terminalreporter.write_line(f'{key}: {value}')

@@ -2,6 +2,7 @@
 (its own optimizer settings, synthetic toy-sized input), in both frameworks."""
 from __future__ import annotations
 
+import copy
 import importlib
 from pathlib import Path
 
@@ -16,12 +17,16 @@ from conftest import ROOT
 CONFIGS = sorted(p for p in (ROOT / 'configs').rglob('*.py') if '_base_' not in p.parts)
 
 
-def _bn_instead_of_syncbn(node):
+def _bn_instead_of_syncbn(node) -> None:
+    """In place: SyncBN needs a distributed run."""
     if isinstance(node, dict):
-        return {k: ('BN' if k == 'type' and v == 'SyncBN' else _bn_instead_of_syncbn(v)) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_bn_instead_of_syncbn(v) for v in node]
-    return node
+        if node.get('type') == 'SyncBN':
+            node['type'] = 'BN'
+        for v in node.values():
+            _bn_instead_of_syncbn(v)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            _bn_instead_of_syncbn(v)
 
 
 def _det_batch(h: int, w: int, with_mask: bool) -> dict:
@@ -60,7 +65,8 @@ def test_config_builds_and_trains_one_iteration(path: Path):
     assert cfg.custom_imports == dict(imports=['orepa_mm'], allow_failed_imports=False)
     scope = cfg.default_scope
     importlib.import_module(f'{scope}.utils').register_all_modules(init_default_scope=True)
-    model_cfg = _bn_instead_of_syncbn(cfg.model.to_dict())
+    model_cfg = copy.deepcopy(cfg.model)
+    _bn_instead_of_syncbn(model_cfg)
     model_cfg.pop('pretrained', None)
     model_cfg['backbone']['init_cfg'] = None  # no downloads here
     if scope == 'mmseg':

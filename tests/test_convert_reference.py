@@ -14,7 +14,7 @@ import re
 import runpy
 import sys
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -78,7 +78,9 @@ def synth_rows(rows: List[Tuple[str, Tuple[int, ...]]], seed: int) -> Dict[str, 
         elif leaf == 'id_tensor':
             t = torch.eye(shape[0])[:, :, None, None]
         elif leaf == 'weight_orepa_prior':
-            t = priors.setdefault(shape[0], prior_buffer(shape[0])).clone()
+            if shape[0] not in priors:
+                priors[shape[0]] = prior_buffer(shape[0])
+            t = priors[shape[0]].clone()
         elif leaf == 'num_batches_tracked':
             t = torch.randint(0, 1000, (), generator=g)
         elif leaf == 'running_var':
@@ -93,7 +95,7 @@ def synth_rows(rows: List[Tuple[str, Tuple[int, ...]]], seed: int) -> Dict[str, 
             t = 0.1 * torch.randn(shape, generator=g)
         else:  # kernels: unit-gain scale
             fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
-            t = torch.randn(shape, generator=g) / math.sqrt(fan_in)
+            t = torch.empty(shape).normal_(0.0, 1 / math.sqrt(fan_in), generator=g)
         state[key] = t
     return state
 
@@ -146,8 +148,8 @@ def mmdet_names(layer: str) -> Tuple[str, str]:
     return f'layer{s}.{b}.conv{j}', f'layer{s}.{b}.bn{j}'
 
 
-def expected_train_model(sd: Dict[str, Tensor], depth: int) -> torch.nn.Module:
-    """Vanilla mmdet ResNet computing what the reference training-form model computes (eval mode)."""
+def expected_train_model(sd: Dict[str, Tensor], depth: int, model: Optional[torch.nn.Module] = None) -> torch.nn.Module:
+    """Vanilla mmdet ResNet (``model`` if given) computing what the reference training-form model computes."""
     plain: Dict[str, Tensor] = {}
     layers = sorted({re.sub(r'\.(weight\d\.)?(weight_orepa_origin|weight_or1x1_origin|conv\.weight)$', '', k)
                      for k in sd if k.endswith(('weight_orepa_origin', 'weight_or1x1_origin', 'conv.weight'))})
@@ -165,7 +167,7 @@ def expected_train_model(sd: Dict[str, Tensor], depth: int) -> torch.nn.Module:
         plain[f'{conv}.weight'] = kernel
         for name in ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked'):
             plain[f'{bn}.{name}'] = sd[f'{layer}.bn.{name}']
-    model = ResNet(depth=depth)
+    model = model if model is not None else ResNet(depth=depth)
     model.load_state_dict(plain, strict=True)
     return model
 
@@ -221,14 +223,13 @@ def x() -> Tensor:
 
 @pytest.fixture(scope='module')
 def r18(x: Tensor, tmp_path_factory: pytest.TempPathFactory) -> Dict:
-    """ResNet-18: the synthetic checkpoint (in memory, and saved as the authors ship it and as a bare
-    state dict), the expected outputs and the target model."""
+    """ResNet-18: the synthetic checkpoint (in memory, and saved as the authors ship it: ``.pth.tar``, keys
+    prefixed ``module.``), the expected outputs and the target model."""
     sd = synth_reference('official_orepa_resnet18_train_keys.tsv', seed=18)
     files = tmp_path_factory.mktemp('r18')
     torch.save({'state_dict': {f'module.{k}': v for k, v in sd.items()}, 'epoch': 120}, files / 'orepa_res18.pth.tar')
-    torch.save(sd, files / 'bare.pth')
     return dict(sd=sd, expected=run(expected_train_model(sd, 18), x), orepa=ResNet(depth=18, conv_cfg=OREPA_CFG),
-                official=files / 'orepa_res18.pth.tar', bare=files / 'bare.pth')
+                official=files / 'orepa_res18.pth.tar')
 
 
 @pytest.fixture(scope='module')
@@ -236,9 +237,10 @@ def r50(x: Tensor) -> Dict:
     """ResNet-50, built once: the synthetic checkpoints, the expected outputs and the target models."""
     train = synth_reference('official_orepa_resnet50_train_keys.tsv', seed=50)
     deploy = synth_reference('official_orepa_resnet50_deploy_keys.tsv', seed=51)
-    return dict(train=train, deploy=deploy, expected_train=run(expected_train_model(train, 50), x),
+    vanilla = ResNet(depth=50)  # the expected model first, then the target of the fused conversions
+    return dict(train=train, deploy=deploy, expected_train=run(expected_train_model(train, 50, vanilla), x),
                 expected_deploy=run(expected_deploy_model(deploy, 50), x),
-                orepa=ResNet(depth=50, conv_cfg=OREPA_CFG), vanilla=ResNet(depth=50))
+                orepa=ResNet(depth=50, conv_cfg=OREPA_CFG), vanilla=vanilla)
 
 
 def cli(args: List[str], capsys: pytest.CaptureFixture) -> Tuple[int, str, str]:
@@ -250,16 +252,22 @@ def cli(args: List[str], capsys: pytest.CaptureFixture) -> Tuple[int, str, str]:
 # -- tests ---------------------------------------------------------------------------------------------
 
 
-def test_stem_mapping_reproduces_cross_correlation() -> None:
-    """The stem's three 3x3 generators map onto orepa_mm's true composition exactly (flipped generators)."""
+@pytest.mark.parametrize('mapping', [crc.STEM_FLIPPED, crc.STEM_COMPOSED])
+def test_stem_mapping_reproduces_cross_correlation(mapping: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stem's three 3x3 generators map onto orepa_mm's true composition exactly (flipped generators);
+    the fallback (composed kernel as the origin branch) is exact too."""
+    if mapping == crc.STEM_COMPOSED:  # pretend the prior basis had no rotation symmetry
+        monkeypatch.setattr(crc, '_prior_rotation_sign', lambda cout, k: None)
     narrow = {64: 16, 512: 128}  # the ResNet-18 stem rows at a quarter of the width
     rows = [(key, tuple(narrow.get(d, d) for d in shape))
             for key, shape in read_layout('official_orepa_resnet18_train_keys.tsv') if key.startswith('stage0.')]
     sd = synth_rows(rows, seed=7)
     reader = crc._Reader(sd)
-    layer = crc._read_stem(reader, crc.LayerSpec('stage0.conv1', 'conv1', 'bn1', 3, 16, 7))
-    assert layer.stem_mapping == crc.STEM_FLIPPED
-    assert torch.equal(layer.branches['branch_scales'][0], torch.zeros(16))
+    layer = crc._read_stem(reader, crc._Modules(), crc.LayerSpec('stage0.conv1', 'conv1', 'bn1', 3, 16, 7))
+    assert layer.stem_mapping == mapping
+    origin_scale = 0.0 if mapping == crc.STEM_FLIPPED else 1.0
+    expected_scales = torch.tensor([[origin_scale], [1 - origin_scale]]).expand(2, 16)
+    assert torch.equal(layer.branches['branch_scales'], expected_scales)
     conv = orepa_mm.OREPAConv2d(3, 16, 7, padding=3, bias=False)
     conv.branches.load_state_dict(layer.branches, strict=True)
     expected = ref_stem_kernel(sd, 'stage0.conv1')
@@ -271,14 +279,21 @@ def test_stem_mapping_reproduces_cross_correlation() -> None:
 
 
 def test_resnet18_cli_pth_tar_module_prefix(r18: Dict, x: Tensor, tmp_path: Path, capsys) -> None:
+    """The authors' file layout converts through the CLI; an existing output is kept unless ``--force``."""
     dst = tmp_path / 'out' / 'orepa_r18.pth'
-    code, out, err = cli([r18['official'], dst], capsys)
+    dst.parent.mkdir()
+    dst.write_bytes(b'keep me')
+    code, _, err = cli([r18['official'], dst], capsys)
+    assert code == 1 and '--force' in err
+    assert dst.read_bytes() == b'keep me'
+    code, out, err = cli([r18['official'], dst, '--force'], capsys)
     assert code == 0, err
     assert 'ResNet-18, train form' in out and 'linear.weight' in out and crc.STEM_FLIPPED in out
     ckpt = torch.load(dst, weights_only=True)
-    assert ckpt['meta']['depth'] == 18 and ckpt['meta']['form'] == 'train'
-    assert ckpt['meta']['dropped_keys'] == ['linear.bias', 'linear.weight']
-    assert ckpt['meta']['stem_mapping'] == crc.STEM_FLIPPED
+    meta = ckpt['meta']
+    assert (meta['depth'], meta['form'], meta['target'], meta['stem_mapping']) == (18, 'train', 'OREPAResNet',
+                                                                                   crc.STEM_FLIPPED)
+    assert meta['dropped_keys'] == ['linear.bias', 'linear.weight']
     assert_same_outputs(run(load_strict(r18['orepa'], ckpt['state_dict']), x), r18['expected'])
     # The ResNet-18 shortcut (a plain conv in the reference) is stored as explicit OREPA branch values.
     scales = ckpt['state_dict']['layer2.0.downsample.0.branches.branch_scales']
@@ -286,14 +301,21 @@ def test_resnet18_cli_pth_tar_module_prefix(r18: Dict, x: Tensor, tmp_path: Path
     assert [p.name for p in dst.parent.iterdir()] == [dst.name]  # no temporary file left behind
 
 
-def test_resnet18_fused_bare_state_dict(r18: Dict, x: Tensor, tmp_path: Path, capsys) -> None:
-    dst = tmp_path / 'fused.pth'
-    code, out, err = cli([r18['bare'], dst, '--fused'], capsys)
-    assert code == 0, err
-    ckpt = torch.load(dst, weights_only=True)
-    assert ckpt['meta']['target'] == 'ResNet' and ckpt['meta']['backbone'] == dict(type='ResNet', depth=18)
-    model = load_strict(ResNet(depth=18), ckpt['state_dict'])
-    assert_same_outputs(run(model, x), r18['expected'])
+def test_resnet18_fused(r18: Dict, x: Tensor) -> None:
+    result = crc.convert(r18['sd'], fused=True)
+    assert (result.depth, result.form, result.target) == (18, 'train', 'ResNet')
+    assert result.layer_kinds == {'OREPA stem': 1, 'OREPA 3x3': 16, 'plain conv': 3}
+    assert_same_outputs(run(load_strict(ResNet(depth=18), result.state_dict), x), r18['expected'])
+
+
+def test_extract_state_dict_forms() -> None:
+    """A bare state dict, a ``state_dict`` entry, and keys with or without ``module.`` all read the same."""
+    t = torch.zeros(2)
+    for obj in ({'a.b': t}, {'module.a.b': t}, {'state_dict': {'module.a.b': t}, 'epoch': 3},
+                {'state_dict': {'a.b': t}}):
+        assert list(crc.extract_state_dict(obj)) == ['a.b']
+    with pytest.raises(crc.ConversionError, match='with and without'):
+        crc.extract_state_dict({'a.b': t, 'module.a.b': t})
 
 
 def test_resnet50_train_to_orepa(r50: Dict, x: Tensor) -> None:
@@ -317,17 +339,6 @@ def test_resnet50_deploy(r50: Dict, x: Tensor, fused: bool) -> None:
     assert_same_outputs(run(load_strict(model, result.state_dict), x), r50['expected_deploy'])
     bn = result.state_dict['bn1.weight']
     assert torch.allclose(bn, torch.full_like(bn, math.sqrt(1 + 1e-5)))
-
-
-def test_refuses_to_overwrite_without_force(r18: Dict, tmp_path: Path, capsys) -> None:
-    dst = tmp_path / 'existing.pth'
-    dst.write_bytes(b'keep me')
-    code, _, err = cli([r18['bare'], dst, '--fused'], capsys)
-    assert code == 1 and '--force' in err
-    assert dst.read_bytes() == b'keep me'
-    code, _, err = cli([r18['bare'], dst, '--fused', '--force'], capsys)
-    assert code == 0, err
-    assert 'state_dict' in torch.load(dst, weights_only=True)
 
 
 def _small_bad_inputs(tmp_path: Path) -> Dict[str, Tuple[Path, str]]:
@@ -359,7 +370,7 @@ def _mutations(sd: Dict[str, Tensor]) -> Dict[str, Tuple[Dict[str, Tensor], str]
     del missing['stage1.0.conv1.vector']
     shape = dict(sd, **{'stage1.0.conv2.weight_orepa_origin': torch.zeros(64, 64, 5, 5)})
     prior = dict(sd, **{'stage0.conv1.weight1.weight_orepa_prior': torch.zeros(64, 3, 3)})
-    extra = dict(sd, **{'stage1.0.conv1.weight_unknown': torch.zeros(3)})
+    extra = dict(sd, **{'stage1.0.se.fc.weight': torch.zeros(3)})
     depth = dict(sd, **{k.replace('stage3.1.', 'stage3.2.'): v for k, v in sd.items() if k.startswith('stage3.1.')})
     return {'missing-key': (missing, "missing key 'stage1.0.conv1.vector'"),
             'wrong-shape': (shape, 'stage1.0.conv2.weight_orepa_origin has shape'),

@@ -21,7 +21,7 @@ def test_mim_train_and_test_detector(det_run):
     # Evaluated during training and by `mim test` (which loads the checkpoint
     # with torch's weights-only loader: this is what the allowlist enables).
     last_metric(det_run['train'], 'coco/bbox_mAP')
-    m = last_metric(det_run['test'], 'coco/bbox_mAP')
+    m = last_metric(det_run["test"], "coco/bbox_mAP")
     assert 0.0 <= m <= 1.0
     assert 'OREPAResNet' in det_run['train'] or 'OREPA' in det_run['train']
 
@@ -85,3 +85,17 @@ def test_distributed_two_process_gloo(toy_root):
     assert (work / 'iter_2.pth').is_file()
     sd = torch.load(work / 'iter_2.pth', map_location='cpu')['state_dict']  # weights-only by default
     assert any('branches' in k for k in sd)
+
+
+def test_toy_plain_and_orepa_detectors_same_iterations(det_run, toy_root):
+    """Both mAPs are reported, which is higher is not asserted."""
+    from conftest import REPORT
+    plain_cfg = ROOT / 'configs/toy/faster-rcnn_r18_fpn_toy-coco_plain.py'
+    work = toy_root / 'work_det_plain'
+    out = run([bin_path('mim'), 'train', 'mmdet', str(plain_cfg), '--work-dir', str(work)]
+              + _iters(DET_ITERS, DET_ITERS), cwd=toy_root)
+    plain_map = last_metric(out.stdout + out.stderr, 'coco/bbox_mAP')
+    orepa_map = last_metric(det_run['train'], 'coco/bbox_mAP')
+    assert 0.0 <= plain_map <= 1.0 and 0.0 <= orepa_map <= 1.0
+    REPORT[f'toy Faster R-CNN bbox mAP after {DET_ITERS} iterations'] = \
+        f'plain {plain_map:.4f}, OREPA {orepa_map:.4f}'

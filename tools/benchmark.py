@@ -200,6 +200,14 @@ class Workload:
     def predict(self, model: nn.Module) -> Any:
         raise NotImplementedError
 
+    def features(self, model: nn.Module) -> Any:
+        """The backbone (and neck) forward, used to calibrate BatchNorm statistics."""
+        return model(self.inputs)
+
+    def stats(self, model: nn.Module, outputs: Any = None) -> Dict[str, int]:
+        """Size of the data-dependent work of the last forward (none for a backbone)."""
+        return {}
+
     def describe(self, variant: str) -> str:
         """What was built, for the metadata."""
         return ''
@@ -283,10 +291,18 @@ class _ConfigWorkload(Workload):
     def eval_samples(self) -> list:
         raise NotImplementedError
 
+    def features(self, model: nn.Module) -> Any:
+        return model.extract_feat(self.inputs)
+
     def describe(self, variant: str) -> str:
         backbone = self.model_cfg(variant).backbone
         return f'{osp.relpath(self.config_path(variant), REPO)} (backbone {backbone.type}, ' \
                f'frozen_stages={backbone.get("frozen_stages")}, norm_eval={backbone.get("norm_eval")})'
+
+
+def _record_rois(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+    """Forward hook of the RoI extractor: remember how many RoIs it pooled."""
+    module.last_num_rois = int(inputs[1].shape[0])
 
 
 class FasterRCNNWorkload(_ConfigWorkload):
@@ -303,6 +319,17 @@ class FasterRCNNWorkload(_ConfigWorkload):
         xy = torch.rand(self.num_boxes, 2, generator=gen) * 0.7
         wh = 0.1 + torch.rand(self.num_boxes, 2, generator=gen) * 0.2
         return torch.cat([xy, xy + wh], dim=1) * scale
+
+    def build(self, variant: str) -> nn.Module:
+        model = super().build(variant)
+        model.roi_head.bbox_roi_extractor.register_forward_hook(_record_rois)
+        return model
+
+    def stats(self, model: nn.Module, outputs: Any = None) -> Dict[str, int]:
+        out = dict(rois=getattr(model.roi_head.bbox_roi_extractor, 'last_num_rois', -1))
+        if outputs is not None:
+            out['detections'] = sum(len(sample.pred_instances) for sample in outputs)
+        return out
 
     def _make_samples(self, gen: torch.Generator) -> None:
         from mmdet.structures import DetDataSample
@@ -360,6 +387,31 @@ def make_workload(name: str, batch_size: int, input_size: Tuple[int, int], devic
     if name == 'pspnet':
         return PSPNetWorkload(*args)
     raise ValueError(f'unknown model {name!r}; choose from {MODELS}')
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, run: Callable[[], Any]) -> None:
+    """Set every BatchNorm's running statistics to the statistics of ``run()``'s batch.
+
+    Random weights give each variant different activation scales: the
+    designed OREPA/DBB initialisations are not a plain conv's.  Where BNs run
+    on running statistics (mmdet's ``norm_eval=True``, evaluation, fusing),
+    the heads would then see features of very different magnitudes, and the
+    data-dependent work of a detector (proposals surviving NMS, RoIs,
+    detections above the score threshold) would differ between variants.
+    Calibrated statistics make every variant's features normalised, as with
+    pretrained weights.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    state = [(m, m.momentum, m.training) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: exactly this batch's statistics
+        m.train()
+    run()
+    for m, momentum, training in state:
+        m.momentum = momentum
+        m.train(training)
 
 
 def share_weights(src: nn.Module, dst: nn.Module, skip_prefix: str) -> int:
@@ -469,14 +521,17 @@ def progress(message: str) -> None:
 
 
 def build_trainees(workload: Workload, variants: Sequence[str], args: argparse.Namespace) -> List[Trainee]:
-    """Build every variant with the same seed; share the non-backbone weights."""
+    """Build every variant with the same seed, share the non-backbone weights,
+    calibrate the BatchNorm statistics (:func:`calibrate_batchnorm`)."""
     trainees: List[Trainee] = []
     for variant in variants:
         torch.manual_seed(args.seed)
         model = workload.build(variant)
         if trainees:
             share_weights(trainees[0].model, model, workload.backbone_prefix)
-        model.to(workload.device).train()
+        model.to(workload.device)
+        calibrate_batchnorm(model, lambda: workload.features(model))
+        model.train()
         trainees.append(Trainee(workload, variant, model, args.amp, args.lr))
         progress(f'{workload.name}: built {variant} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M '
                  f'parameters)')
@@ -505,6 +560,7 @@ def benchmark_model(name: str, args: argparse.Namespace, device: torch.device) -
                 progress(f'{name} | warm-up {w + 1}/{args.warmup} | {t.variant} | train step done')
                 continue
             results[t.variant].update(t.memory_step())
+            results[t.variant]['workload'] = dict(train=workload.stats(t.model))
             r = results[t.variant]
             cuda = r['cuda_max_allocated_bytes']
             progress(f'{name} | memory step | {t.variant} | saved for backward '
@@ -542,11 +598,11 @@ def benchmark_eval(workload: Workload, trainees: Sequence[Trainee], results: Dic
         results[t.variant]['fused_reparam_layers'] = count_reparam_layers(fused)
         models[t.variant] = dict(unfused=t.model, fused=fused)
 
-    def forward(t: Trainee, model: nn.Module) -> None:
+    def forward(t: Trainee, model: nn.Module) -> Any:
         with torch.no_grad(), t.autocast():
-            workload.predict(model)
+            return workload.predict(model)
 
-    for _ in range(args.warmup):
+    for _ in range(max(args.warmup, 1)):  # at least once: OREPA builds its eval kernel cache here
         for t in trainees:
             for model in models[t.variant].values():
                 forward(t, model)
@@ -559,6 +615,8 @@ def benchmark_eval(workload: Workload, trainees: Sequence[Trainee], results: Dic
             progress(f'{name} | eval round {r + 1}/{args.rounds} | {t.variant} | unfused '
                      f'{times[t.variant]["unfused"][-1]:.4f} s, fused {times[t.variant]["fused"][-1]:.4f} s')
     for t in trainees:
+        for kind, model in models[t.variant].items():
+            results[t.variant]['workload'][f'eval_{kind}'] = workload.stats(model, forward(t, model))
         results[t.variant]['eval_unfused_s'] = summary(times[t.variant]['unfused'])
         results[t.variant]['eval_fused_s'] = summary(times[t.variant]['fused'])
         t.model.train()
@@ -717,6 +775,21 @@ def comparisons(report: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def workload_lines(report: Dict[str, Any]) -> List[str]:
+    """The data-dependent work per variant (e.g. a detector's RoIs), where recorded."""
+    lines = []
+    for name, res in report['results'].items():
+        parts = []
+        for variant, result in res['variants'].items():
+            phases = {phase: stats for phase, stats in result.get('workload', {}).items() if stats}
+            if phases:
+                parts.append(f'{variant}: ' + ', '.join(f'{phase} ' + ' '.join(f'{k}={v}' for k, v in stats.items())
+                                                        for phase, stats in phases.items()))
+        if parts:
+            lines.append(f'{name} data-dependent work: ' + '; '.join(parts))
+    return lines
+
+
 def text_table(header: List[str], rows: List[List[str]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     line = lambda cells: '  '.join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
@@ -739,7 +812,7 @@ def markdown(report: Dict[str, Any]) -> str:
              'their gradients and the SGD momentum buffers. Times: median seconds per step / forward.', '',
              '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
-    extra = comparisons(report)
+    extra = comparisons(report) + workload_lines(report)
     if extra:
         lines += [''] + [f'- {line}' for line in extra]
     return '\n'.join(lines) + '\n'
@@ -804,7 +877,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--amp', action='store_true', help='torch.autocast: bfloat16 on CPU, float16 on CUDA')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch\'s)')
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--lr', type=float, default=1e-3, help='SGD learning rate (momentum 0.9)')
+    parser.add_argument('--lr', type=float, default=0.0,
+                        help='SGD learning rate (momentum 0.9). The default 0 does all the work of a step but keeps '
+                        'the weights, so the data-dependent work of a detector (proposals, RoIs) stays that of '
+                        'the calibrated initial weights in every round and variant, and nothing diverges')
     parser.add_argument('--skip-eval', action='store_true', help='skip the evaluation-forward timings')
     parser.add_argument('--profile', choices=VARIANTS, default=None,
                         help='only profile training steps of this variant of the first model')
@@ -862,7 +938,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         f.write(markdown(report))
     header, rows = table_rows(report)
     print('\n' + text_table(header, rows), flush=True)
-    for line in comparisons(report):
+    for line in comparisons(report) + workload_lines(report):
         print(line)
     written = [base + '.json', base + '.md']
     if draw_chart(report, base + '.png'):

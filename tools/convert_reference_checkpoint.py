@@ -8,7 +8,8 @@ mmengine-style checkpoint ``{'state_dict': ..., 'meta': ...}`` for
 * ``OREPAResNet(depth=D)`` (mmdet/mmseg ``ResNet`` with ``conv_cfg=dict(type='OREPA')``), the default: the
   branch parameters map one to one onto :class:`orepa_mm.layers.OREPAConv2d`, so the result computes what the
   reference model computes and can be trained further as OREPA;
-* ``ResNet(depth=D)`` (vanilla, ``conv_cfg=None``) with ``--fused``: every layer's generated kernel.
+* ``ResNet(depth=D)`` (vanilla, ``conv_cfg=None``) with ``--fused``: every layer's generated kernel (for the
+  stem the reference's cross-correlated 7x7 kernel) and its BN unchanged.
 
 Usage::
 
@@ -31,14 +32,15 @@ Mapping, per reference layer (``v`` is the reference ``vector``):
   :class:`~orepa_mm.layers.OREPAStackedBranches`.  The reference composes the kernels by cross-correlation
   (``conv2d`` without flipping, its defect 5) while orepa_mm composes the true kernel of the stacked convs.
   Cross-correlating with ``B`` equals composing with ``B`` rotated by 180 degrees, so the reference kernel is
-  ``compose(K0, rot(K1), rot(K2))``, and a rotated OREPA k x k kernel is again an OREPA k x k kernel: rotate
-  the origin, the second factor of 1x1-kxk and the depthwise kernels; the average box and the centre tap are
-  symmetric; the prior basis of an output channel with frequency ``f`` rotates into ``(-1)^f`` times itself,
-  so the rows of ``weight_prior`` with odd frequency change sign.  This mapping (``flipped-generators``) is
-  exact and keeps the stem's branch structure trainable: ``branch_scales = [0, 1]`` (origin off, stack on),
-  ``weight_origin`` holds a fixed-seed Kaiming draw like a fresh layer.  The tool verifies it numerically
-  against :func:`orepa_mm.kernels.cross_correlate_kernels` (float64) and, should it ever not hold, falls back
-  to ``composed-origin``: the reference's composed 7x7 kernel in ``weight_origin`` with scales ``[1, 0]``.
+  ``compose(K0, rot(K1), rot(K2))`` (same order, ``K0`` applied first), and a rotated OREPA k x k kernel is
+  again an OREPA k x k kernel: rotate the origin, the second factor of 1x1-kxk and the depthwise kernels; the
+  average box and the centre tap are symmetric; the prior basis of an output channel with frequency ``f``
+  rotates into ``(-1)^f`` times itself, so the rows of ``weight_prior`` with odd frequency change sign.  This
+  mapping (``flipped-generators``) is exact and keeps the stem's branch structure trainable:
+  ``branch_scales = [0, 1]`` (origin off, stack on), ``weight_origin`` holds a fixed-seed Kaiming draw like a
+  fresh layer.  The tool verifies it numerically against :func:`orepa_mm.kernels.cross_correlate_kernels`
+  (float64) and, should it ever not hold, falls back to ``composed-origin``: the reference's composed 7x7
+  kernel in ``weight_origin`` with scales ``[1, 0]`` (the generators kept, switched off).
 * ResNet-18/34 shortcut (a plain ``conv`` + ``bn`` in the reference) and every deploy-form conv: written as
   explicit branch values, not as a plain ``weight`` key: origin = the kernel, origin scale 1, every other
   scale 0, and the other branch parameters at orepa_mm's (fixed-seed) initial values, i.e. exactly what
@@ -135,6 +137,7 @@ class Conversion:
         return 'ResNet' if self.fused else 'OREPAResNet'
 
     def meta(self, source: str) -> Dict[str, Any]:
+        """The checkpoint's ``meta`` entry: where it came from and what it is for."""
         return dict(source=source, depth=self.depth, form=self.form, fused=self.fused, target=self.target,
                     backbone=dict(type=self.target, depth=self.depth), stem_mapping=self.stem_mapping,
                     dropped_keys=list(self.dropped_keys), converter='tools/convert_reference_checkpoint.py',
@@ -148,7 +151,8 @@ class Conversion:
                  + ('' if self.fused else ", i.e. mmdet/mmseg ResNet with conv_cfg=dict(type='OREPA')")]
         if self.stem_mapping:
             lines.append(f'stem: {self.stem_mapping}')
-        lines.append('dropped keys: ' + (', '.join(self.dropped_keys) if self.dropped_keys else 'none'))
+        dropped = ', '.join(self.dropped_keys) + ' (the ImageNet classifier)' if self.dropped_keys else 'none'
+        lines.append(f'dropped keys: {dropped}')
         return '\n'.join(lines)
 
 
@@ -182,9 +186,9 @@ def extract_state_dict(obj: Any) -> Dict[str, Tensor]:
     if isinstance(obj, Mapping) and 'state_dict' in obj:
         obj = obj['state_dict']
     if not isinstance(obj, Mapping) or not obj:
-        raise ConversionError(f'unknown layout: expected a state dict or a dict with "state_dict", '
-                              f'got {type(obj).__name__}')
-    if not all(isinstance(v, Tensor) for v in obj.values()):
+        got = 'an empty dict' if isinstance(obj, Mapping) else type(obj).__name__
+        raise ConversionError(f'unknown layout: expected a state dict or a dict with "state_dict", got {got}')
+    if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
         keys = ', '.join(list(map(str, obj))[:6])
         raise ConversionError(f'unknown layout: the checkpoint holds no "state_dict" and is not a state dict '
                               f'(top-level keys: {keys})')
@@ -444,6 +448,13 @@ def _read_stem(r: _Reader, modules: _Modules, spec: LayerSpec) -> _Layer:
 
 
 # -- conversion -------------------------------------------------------------------------------------------
+def _refuse_unexpected(keys: Sequence[str], depth: int) -> None:
+    if keys:
+        more = f' and {len(keys) - 8} more' if len(keys) > 8 else ''
+        raise ConversionError(f'unknown layout: unexpected keys for a reference OREPA ResNet-{depth}: '
+                              f'{", ".join(sorted(keys)[:8])}{more}')
+
+
 def convert(checkpoint: Any, fused: bool = False) -> Conversion:
     """Convert a loaded reference checkpoint (or its state dict) in memory.
 
@@ -457,6 +468,9 @@ def convert(checkpoint: Any, fused: bool = False) -> Conversion:
     """
     state = extract_state_dict(checkpoint)
     depth = detect_depth(state)
+    specs = layer_specs(depth)
+    known = tuple(f'{spec.source}.' for spec in specs) + DROPPED_PREFIXES
+    _refuse_unexpected([key for key in state if not key.startswith(known)], depth)  # fail before the work
     reader = _Reader(state)
     out: Dict[str, Tensor] = {}
     kinds: Counter = Counter()
@@ -464,7 +478,7 @@ def convert(checkpoint: Any, fused: bool = False) -> Conversion:
     stem_mapping = None
     modules = _Modules()
     with torch.random.fork_rng(devices=[]):  # building modules draws numbers: leave the caller's RNG alone
-        for spec in layer_specs(depth):
+        for spec in specs:
             layer = _read_layer(reader, modules, spec, fused)
             kinds[layer.kind] += 1
             if layer.form is not None:
@@ -475,16 +489,12 @@ def convert(checkpoint: Any, fused: bool = False) -> Conversion:
                 out[f'{spec.conv}.weight'] = layer.kernel.to(dtype).contiguous()
             else:
                 for name, t in layer.branches.items():
-                    out[f'{spec.conv}.branches.{name}'] = t.to(dtype).contiguous().clone()
+                    out[f'{spec.conv}.branches.{name}'] = t.to(dtype).contiguous()
             for name, t in layer.bn.items():
-                out[f'{spec.bn}.{name}'] = t.contiguous().clone()
+                out[f'{spec.bn}.{name}'] = t.contiguous()
     rest = sorted(set(state) - reader.used)
     dropped = [key for key in rest if key.startswith(DROPPED_PREFIXES)]
-    unexpected = [key for key in rest if key not in dropped]
-    if unexpected:
-        more = f' and {len(unexpected) - 8} more' if len(unexpected) > 8 else ''
-        raise ConversionError(f'unknown layout: unexpected keys for a reference OREPA ResNet-{depth}: '
-                              f'{", ".join(unexpected[:8])}{more}')
+    _refuse_unexpected([key for key in rest if key not in dropped], depth)
     form = forms.pop() if len(forms) == 1 else 'mixed'
     return Conversion(out, depth, form, fused, None if fused else stem_mapping, kinds, dropped)
 

@@ -1,4 +1,4 @@
-# Toy Faster R-CNN: a slim ResNet-18 (base width 32) FPN detector trained from
+# Toy Faster R-CNN: a slim ResNet-18 (base width 16) FPN detector trained from
 # scratch on the toy COCO-format set (tools/make_toy_data.py), 160x160
 # images, a few minutes on 2 CPU cores.  The OREPA and DBB variants inherit
 # this file and change only the backbone type.
@@ -10,7 +10,7 @@ data_root = 'data/toy/coco/'
 # category names (see tools/make_toy_data.py).
 metainfo = dict(classes=('person', 'bicycle', 'car'), palette=[(220, 20, 60), (119, 11, 32), (0, 0, 142)])
 img_scale = (160, 160)
-width = 32
+width = 16
 max_iters = 300
 
 model = dict(
@@ -22,7 +22,14 @@ model = dict(
         anchor_generator=dict(scales=[4])),  # 16-256 px anchors for 8-100 px objects
     roi_head=dict(
         bbox_roi_extractor=dict(out_channels=64),
-        bbox_head=dict(in_channels=64, fc_out_channels=256, num_classes=3)))
+        bbox_head=dict(in_channels=64, fc_out_channels=256, num_classes=3)),
+    # Fewer proposals and sampled RoIs than for COCO: a handful of objects per
+    # image, and RoIAlign is the slowest op on CPU.
+    train_cfg=dict(
+        rpn=dict(sampler=dict(num=128)),
+        rpn_proposal=dict(nms_pre=500, max_per_img=250),
+        rcnn=dict(sampler=dict(num=128))),
+    test_cfg=dict(rpn=dict(nms_pre=300, max_per_img=300)))
 
 train_pipeline = [
     dict(type='LoadImageFromFile'),

@@ -43,10 +43,10 @@ class OREPA1x1Branches(nn.Module):
     """1x1 block: an origin 1x1 kernel plus a "linear-to-identity" pair.
 
     ``kernel = v[0] * W + v[1] * (B @ A)`` per output channel, with the pair
-    ``A: in -> t``, ``B: t -> out`` (grouped), ``t = min(in, out)``; the square
-    factor starts as the (grouped) identity, so the pair starts as a random
-    1x1 conv.  ``t = min(in, out)`` keeps the product cheap (the reference
-    uses ``t = out``) without losing expressiveness: both have full rank.
+    ``A: in -> t``, ``B: t -> out`` (grouped), ``t = min(in, out)`` as in the
+    reference code (the cheapest width that still reaches every rank); the
+    square factor starts as the (grouped) identity, so the pair starts as a
+    random 1x1 conv.
     Initial scales: origin 1.0, pair 0.5.
     """
 

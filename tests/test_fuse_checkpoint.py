@@ -1,0 +1,151 @@
+"""tools/fuse_checkpoint.py on toy-config checkpoints: outputs, --verify,
+--backbone-only, --onnx, and one clear error (nothing written) per bad input."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.config import Config
+
+import orepa_mm
+from conftest import ROOT, load_tool
+
+fuse_tool = load_tool('fuse_checkpoint')
+
+DET_CFG = ROOT / 'configs/toy/faster-rcnn_r18_fpn_toy-coco_orepa.py'
+DBB_CFG = ROOT / 'configs/toy/faster-rcnn_r18_fpn_toy-coco_dbb.py'
+SEG_CFG = ROOT / 'configs/toy/pspnet_r18-d8_toy-cityscapes_orepa.py'
+
+
+def _randomise(model: torch.nn.Module) -> None:
+    """Non-trivial BN statistics and branch scales, as after training."""
+    g = torch.Generator().manual_seed(0)
+    for name, t in model.state_dict().items():
+        if name.endswith('running_var'):
+            t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+        elif name.endswith('running_mean') or name.endswith('branch_scales'):
+            t.add_(torch.randn(t.shape, generator=g) * 0.1)
+
+
+@pytest.fixture(scope='module')
+def training_ckpt(tmp_path_factory) -> Path:
+    """An mmengine-layout checkpoint of the toy OREPA detector."""
+    cfg = fuse_tool.load_config(str(DET_CFG))
+    model = fuse_tool.build_model(cfg)
+    _randomise(model)
+    path = tmp_path_factory.mktemp('ckpt') / 'iter_10.pth'
+    torch.save({'meta': {'iter': 10, 'dataset_meta': {'classes': ('person', 'bicycle', 'car')}},
+                'state_dict': model.state_dict(), 'optimizer': {'state': {}, 'param_groups': []}}, path)
+    return path
+
+
+def _files(d: Path) -> set:
+    return {p.name for p in d.iterdir()} if d.exists() else set()
+
+
+def _fail(capsys, args, match: str, out_dir: Path) -> None:
+    before = _files(out_dir)
+    assert fuse_tool.main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert match in err, err
+    assert err.count('error:') == 1
+    assert _files(out_dir) == before, 'nothing may be written on error'
+
+
+def test_fuse_writes_deploy_config_and_checkpoint(training_ckpt, tmp_path, capsys):
+    out = tmp_path / 'out'
+    assert fuse_tool.main([str(DET_CFG), str(training_ckpt), str(out), '--verify']) == 0
+    name = DET_CFG.stem
+    assert _files(out) == {f'{name}_fused.pth', f'{name}_fused.py'}
+    ckpt = torch.load(out / f'{name}_fused.pth', map_location='cpu', weights_only=True)
+    assert set(ckpt) == {'state_dict', 'meta'} and ckpt['meta']['orepa_mm_fused']
+    assert ckpt['meta']['fused_from']['checkpoint'] == str(training_ckpt)
+    cfg = Config.fromfile(str(out / f'{name}_fused.py'))
+    assert cfg.model.backbone.type == 'ResNet' and cfg.model.backbone.conv_cfg is None
+    assert 'custom_imports' not in cfg and 'init_cfg' not in cfg.model.backbone
+    from mmdet.registry import MODELS
+    vanilla = MODELS.build(cfg.model)
+    vanilla.load_state_dict(ckpt['state_dict'], strict=True)
+    assert orepa_mm.count_reparam_layers(vanilla) == 0
+
+
+def test_verify_reports_relative_difference(training_ckpt, tmp_path):
+    summary = fuse_tool.fuse_checkpoint(str(DET_CFG), str(training_ckpt), str(tmp_path / 'o'), do_verify=True)
+    assert 0 <= summary['max_rel_diff'] <= 1e-5
+    assert summary['params_after'] < summary['params_before']
+    assert summary['layers_fused'] == orepa_mm.count_reparam_layers(fuse_tool.build_model(
+        fuse_tool.load_config(str(DET_CFG))))
+
+
+def test_backbone_only_matches_vanilla_backbone_layout(training_ckpt, tmp_path):
+    out = tmp_path / 'bb'
+    assert fuse_tool.main([str(DET_CFG), str(training_ckpt), str(out), '--backbone-only']) == 0
+    assert _files(out) == {f'{DET_CFG.stem}_fused_backbone.pth'}
+    sd = torch.load(out / f'{DET_CFG.stem}_fused_backbone.pth', weights_only=True)['state_dict']
+    from mmdet.models.backbones import ResNet
+    plain = ResNet(depth=18, base_channels=32)
+    assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    # Usable as Pretrained init of another model.
+    other = ResNet(depth=18, base_channels=32, init_cfg=dict(type='Pretrained', checkpoint=str(
+        out / f'{DET_CFG.stem}_fused_backbone.pth')))
+    other.init_weights()
+    assert torch.equal(other.conv1.weight, sd['conv1.weight'])
+
+
+def test_onnx_export_matches_onnxruntime(training_ckpt, tmp_path):
+    pytest.importorskip('onnxruntime')
+    summary = fuse_tool.fuse_checkpoint(str(DET_CFG), str(training_ckpt), str(tmp_path / 'onnx'), onnx=True)
+    assert set(summary['onnx_max_rel_diff']) == {'backbone', 'backbone_neck'}
+    assert max(summary['onnx_max_rel_diff'].values()) < 1e-4
+
+
+def test_error_checkpoint_of_another_config(training_ckpt, tmp_path, capsys):
+    _fail(capsys, [DBB_CFG, training_ckpt, tmp_path / 'x'], 'does not match the config', tmp_path / 'x')
+
+
+def test_error_already_fused(training_ckpt, tmp_path, capsys):
+    out = tmp_path / 'first'
+    assert fuse_tool.main([str(DET_CFG), str(training_ckpt), str(out)]) == 0
+    fused = out / f'{DET_CFG.stem}_fused.pth'
+    _fail(capsys, [DET_CFG, fused, tmp_path / 'second'], 'already fused', tmp_path / 'second')
+    # Also without our meta flag: recognised by its vanilla layout.
+    bare = tmp_path / 'bare.pth'
+    torch.save({'state_dict': torch.load(fused, weights_only=True)['state_dict']}, bare)
+    _fail(capsys, [DET_CFG, bare, tmp_path / 'third'], 'already fused', tmp_path / 'third')
+
+
+def test_error_corrupt_and_truncated(training_ckpt, tmp_path, capsys):
+    truncated = tmp_path / 'truncated.pth'
+    truncated.write_bytes(training_ckpt.read_bytes()[: os.path.getsize(training_ckpt) // 2])
+    _fail(capsys, [DET_CFG, truncated, tmp_path / 'o'], 'corrupt or truncated', tmp_path / 'o')
+    garbage = tmp_path / 'garbage.pth'
+    garbage.write_bytes(b'not a checkpoint at all' * 10)
+    _fail(capsys, [DET_CFG, garbage, tmp_path / 'o'], 'corrupt or truncated', tmp_path / 'o')
+
+
+def test_error_missing_files(training_ckpt, tmp_path, capsys):
+    _fail(capsys, [DET_CFG, tmp_path / 'nope.pth', tmp_path / 'o'], 'checkpoint not found', tmp_path / 'o')
+    _fail(capsys, [tmp_path / 'nope.py', training_ckpt, tmp_path / 'o'], 'config not found', tmp_path / 'o')
+
+
+def test_error_existing_outputs_need_force(training_ckpt, tmp_path, capsys):
+    out = tmp_path / 'out'
+    assert fuse_tool.main([str(DET_CFG), str(training_ckpt), str(out)]) == 0
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    _fail(capsys, [DET_CFG, training_ckpt, out], 'already exists; pass --force', out)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp
+    assert fuse_tool.main([str(DET_CFG), str(training_ckpt), str(out), '--force']) == 0
+
+
+def test_error_plain_config(training_ckpt, tmp_path, capsys):
+    plain = ROOT / 'configs/toy/faster-rcnn_r18_fpn_toy-coco_plain.py'
+    _fail(capsys, [plain, training_ckpt, tmp_path / 'o'], 'nothing to fuse', tmp_path / 'o')
+
+
+def test_segmentor_deploy_config(tmp_path):
+    cfg = fuse_tool.load_config(str(SEG_CFG))
+    dcfg = fuse_tool.deploy_config(cfg)
+    assert dcfg.model.backbone.type == 'ResNetV1c' and dcfg.model.backbone.conv_cfg is None
+    assert dcfg.model.get('pretrained') is None and 'custom_imports' not in dcfg
