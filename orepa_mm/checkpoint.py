@@ -23,16 +23,25 @@ __all__ = ['safe_globals', 'install_safe_globals', 'load_checkpoint_file', 'Chec
 
 
 def safe_globals() -> List[Any]:
-    """The globals found in mmengine/mmdet/mmseg training checkpoints.
+    """The globals that mmengine/mmdet/mmseg training checkpoints hold beyond
+    torch's defaults, found with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint`` on real ones
+    (``tests/test_checkpoint_safety.py`` re-checks it on fresh checkpoints):
 
-    Listed by scanning real checkpoints with
-    ``torch.serialization.get_unsafe_globals_in_checkpoint``
-    (``tests/test_checkpoint_safety.py`` re-checks this on fresh ones).
+    * ``HistoryBuffer``, the message hub's logged scalars, and the numpy
+      arrays and scalars in it (``_reconstruct``, ``ndarray``, ``dtype``,
+      ``scalar``, and the float64/int64 dtype classes their state restores);
+    * ``builtins.getattr``: each ``HistoryBuffer`` stores its statistics
+      methods, which pickle as ``getattr(HistoryBuffer, 'mean')``.  The
+      weights-only unpickler calls only allowlisted callables, so getattr can
+      look attributes up but nothing it returns can be called while loading.
     """
+    import builtins
+
     from mmengine.logging.history_buffer import HistoryBuffer
     core = np._core if hasattr(np, '_core') else np.core  # numpy 2 renamed np.core
-    dtypes = [type(np.dtype(t)) for t in ('float64', 'float32', 'float16', 'int64', 'int32', 'uint8', 'bool')]
-    return [HistoryBuffer, core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype, *dtypes]
+    return [HistoryBuffer, core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype,
+            type(np.dtype('float64')), type(np.dtype('int64')), builtins.getattr]
 
 
 SAFE_GLOBALS: List[Any] = []

@@ -19,13 +19,30 @@ def _name(obj) -> str:
     return f'{obj.__module__}.{obj.__qualname__}'
 
 
+def _numpy_dtype_classes(obj, found: set) -> set:
+    """Names of the numpy dtype classes of the arrays/scalars inside ``obj``
+    (the unpickler needs them to restore dtype state)."""
+    import numpy as np
+    if isinstance(obj, (np.ndarray, np.generic)):
+        found.add(_name(type(obj.dtype)))
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _numpy_dtype_classes(v, found)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _numpy_dtype_classes(v, found)
+    elif hasattr(obj, '__dict__') and not torch.is_tensor(obj):
+        _numpy_dtype_classes(vars(obj), found)
+    return found
+
+
 def test_allowlist_is_exactly_what_real_checkpoints_hold(det_run, seg_run):
     from orepa_mm.checkpoint import safe_globals
     allowed = {_name(g) for g in safe_globals()}
     found = set()
     for ckpt in (det_run['ckpt'], seg_run['ckpt']):
         found |= set(torch.serialization.get_unsafe_globals_in_checkpoint(str(ckpt)))
-    # numpy 2 pickles its core module under either spelling; compare by the name torch reports.
+        _numpy_dtype_classes(torch.load(ckpt, map_location='cpu'), found)
     assert found <= allowed, f'globals missing from the allowlist: {sorted(found - allowed)}'
     assert allowed <= found, f'allowlisted but never seen in a checkpoint: {sorted(allowed - found)}'
 

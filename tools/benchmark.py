@@ -32,11 +32,16 @@ steps of that variant of the first model and prints (and saves) the top
 operators by self CPU time.
 
 Synthetic data: a seeded random batch per model, shared by all variants;
-detection samples carry random gt boxes and labels, segmentation samples a
+detection samples carry 3 random gt boxes and labels, segmentation samples a
 random label map.  The model's data preprocessor is bypassed (the inputs are
-already "normalised").  Weights: every variant is built after seeding the
-same generator; the parts outside the backbone (neck, heads) are then copied
-from the first variant so that they are identical.
+already "normalised").  Weights: random (no pretrained download); every
+variant is built after seeding the same generator, the parts outside the
+backbone (neck, heads) are then copied from the first variant, and every
+BatchNorm's statistics are calibrated on the batch, so that each variant
+feeds the heads normalised features and a detector's data-dependent work
+(proposals, RoIs, detections; recorded under ``workload`` in the JSON) is
+alike.  The learning rate is 0 by default: the optimizer does all its work
+but the weights, and so that work, stay the same in every round.
 """
 from __future__ import annotations
 
@@ -93,12 +98,12 @@ class SavedTensorCounter:
 
     Every tensor that autograd saves while the context is active is recorded
     (weakly: the counter keeps nothing alive).  On exit, the storages of the
-    saved tensors that the graph still holds (graphs dropped before backward
-    do not count) are counted once each (views and tensors saved by several nodes share one
-    storage), at their full size.  Storages of the tensors in ``exclude``
-    (the model's parameters and buffers: they exist whether or not a graph
-    is built) are left out.  The count depends only on the model and the
-    input, not on the device or the allocator.
+    saved tensors that a graph still holds (graphs dropped before backward do
+    not count) are counted once each (views, and tensors saved by several
+    nodes, share one storage), at their full size.  Storages of the tensors
+    in ``exclude`` (the model's parameters and buffers: they exist whether or
+    not a graph is built) are left out.  The count depends only on the model,
+    the input and the dtypes, not on the device or the allocator.
 
     Read :attr:`nbytes` / :attr:`num_storages` after the ``with`` block,
     while the output (and so the graph) is still alive::
@@ -662,9 +667,11 @@ def profile(args: argparse.Namespace, device: torch.device, stem: str) -> str:
             trainee.train_step()
             if device.type == 'cuda':
                 torch.cuda.synchronize(device)
-    table = prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=args.profile_top)
-    if device.type == 'cuda':
-        table += '\n\n' + prof.key_averages().table(sort_by='self_cuda_time_total', row_limit=args.profile_top)
+    events = prof.key_averages()
+    table = events.table(sort_by='self_cpu_time_total', row_limit=args.profile_top)
+    if device.type == 'cuda':  # the device-time key was renamed in torch 2.4
+        key = 'self_device_time_total' if hasattr(events[0], 'self_device_time_total') else 'self_cuda_time_total'
+        table += f'\n\nby {key}:\n' + events.table(sort_by=key, row_limit=args.profile_top)
     header = (f'# torch.profiler: {args.profile_steps} training steps of {name} ({variant}), batch '
               f'{args.batch_size}, input {args.input_size[0]}x{args.input_size[1]}, device {device}'
               f'{", AMP" if args.amp else ""}; top {args.profile_top} ops by self CPU time\n')
@@ -711,13 +718,21 @@ def git_commit() -> Optional[str]:
         return None
 
 
+def _load_average() -> Optional[List[float]]:
+    """1, 5 and 15 minute load averages: how busy the machine was (timings on a shared one are noisy)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def metadata(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     meta: Dict[str, Any] = dict(
         date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
         command=' '.join(shlex.quote(a) for a in [sys.executable] + sys.argv),
         python=platform.python_version(), platform=platform.platform(), versions=package_versions(),
         git_commit=git_commit(), device=str(device), cpu=cpu_model(), cpu_count=os.cpu_count(),
-        torch_threads=torch.get_num_threads(), amp=(None if not args.amp else
+        torch_threads=torch.get_num_threads(), load_average_start=_load_average(), amp=(None if not args.amp else
                                                    'float16' if device.type == 'cuda' else 'bfloat16'))
     if device.type == 'cuda':
         meta['device_name'] = torch.cuda.get_device_name(device)
@@ -797,20 +812,31 @@ def text_table(header: List[str], rows: List[List[str]]) -> str:
 
 
 def markdown(report: Dict[str, Any]) -> str:
+    """The report as Markdown: settings, the table, the derived comparisons."""
     meta, cfg = report['metadata'], report['config']
     header, rows = table_rows(report)
     h, w = cfg['input_size']
-    lines = [f'# Benchmark: {", ".join(cfg["models"])}, batch {cfg["batch_size"]}, input {h}x{w}', '',
-             f'- date: {meta["date"]}', f'- device: {meta["device"]} ({meta["device_name"]}), '
-             f'{meta["torch_threads"]} torch threads, {meta["cpu_count"]} CPUs', f'- torch {meta["versions"]["torch"]}'
-             f', AMP: {meta["amp"] or "off"}',
-             f'- {cfg["rounds"]} rounds (median), {cfg["warmup"]} warm-up, {cfg["iters"]} step(s) per timing, '
-             'variants alternating in one process',
-             f'- command: `{meta["command"]}`', '',
-             'Each cell: value (ratio to ' + f'{cfg["variants"][0]}). "saved for backward": bytes autograd keeps for '
-             'backward, each storage once, parameters and buffers excluded. "params+grads+optim": parameters, '
-             'their gradients and the SGD momentum buffers. Times: median seconds per step / forward.', '',
-             '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    base = cfg['variants'][0]
+    lines = [
+        f'# Benchmark: {", ".join(cfg["models"])}, batch {cfg["batch_size"]}, input {h}x{w}',
+        '',
+        f'- date: {meta["date"]}',
+        f'- device: {meta["device"]} ({meta["device_name"]}), {meta["torch_threads"]} torch threads, '
+        f'{meta["cpu_count"]} CPUs',
+        f'- load average (1/5/15 min): {meta["load_average_start"]} at the start, {meta["load_average_end"]} '
+        'at the end',
+        f'- torch {meta["versions"]["torch"]}, AMP: {meta["amp"] or "off"}',
+        f'- {cfg["rounds"]} round(s) (median), {cfg["warmup"]} warm-up, {cfg["iters"]} step(s) per timing, '
+        f'variants alternating in one process; {cfg["optimizer"]}, lr {cfg["lr"]}',
+        f'- command: `{meta["command"]}`',
+        '',
+        f'Each cell: value (ratio to {base}). "saved for backward": bytes autograd keeps for backward, each '
+        'storage once, parameters and buffers excluded. "params+grads+optim": parameters, their gradients and '
+        'the SGD momentum buffers. Times: median seconds per training step / evaluation forward.',
+        '',
+        '| ' + ' | '.join(header) + ' |',
+        '|' + '---|' * len(header),
+    ]
     lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
     extra = comparisons(report) + workload_lines(report)
     if extra:
@@ -929,6 +955,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     for name in args.models:
         report['results'][name] = benchmark_model(name, args, device)
     report['metadata']['wall_time_s'] = round(time.perf_counter() - start, 1)
+    report['metadata']['load_average_end'] = _load_average()
 
     os.makedirs(args.out_dir, exist_ok=True)
     base = osp.join(args.out_dir, f'benchmark_{"_".join(args.models)}_{stem}')
