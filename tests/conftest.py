@@ -77,7 +77,7 @@ def no_orepa_env(tmp_path_factory) -> dict:
 # -- real training runs, shared by the end-to-end, safety and fuse tests ------------
 DET_CFG = ROOT / 'configs/toy/faster-rcnn_r18_fpn_toy-coco_orepa.py'
 SEG_CFG = ROOT / 'configs/toy/pspnet_r18-d8_toy-cityscapes_orepa.py'
-DET_ITERS, SEG_ITERS = 40, 20
+DET_ITERS, SEG_ITERS = 20, 10
 
 
 def _iters(n: int, ckpt_every: int) -> list:

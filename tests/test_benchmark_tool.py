@@ -60,11 +60,20 @@ def test_counter_ignores_no_grad() -> None:
     assert counter.nbytes == 0 and not y.requires_grad
 
 
+def test_dbb_kxk_variant_converts_only_kxk_convs() -> None:
+    pytest.importorskip('mmengine')
+    from orepa_mm import DBBConv2d
+    assert isinstance(bm.dbb_kxk_conv(4, 8, 3, padding=1, bias=False), DBBConv2d)
+    for k in (1, 7):
+        conv = bm.dbb_kxk_conv(4, 8, k, stride=2, padding=k // 2, bias=False)
+        assert type(conv) is nn.Conv2d and conv.stride == (2, 2) and conv.bias is None
+
+
 def test_cli_smoke(tmp_path: Path) -> None:
     pytest.importorskip('mmdet')
     cmd = [sys.executable, str(SCRIPT), '--models', 'resnet18', '--variants', 'plain', 'orepa', 'dbb',
            '--batch-size', '1', '--input-size', '64', '64', '--rounds', '1', '--warmup', '1', '--device', 'cpu',
-           '--out-dir', str(tmp_path)]
+           '--threads', '1', '--out-dir', str(tmp_path)]  # one thread: robust to other work on a shared CPU
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

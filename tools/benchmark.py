@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib
 import json
 import os
 import os.path as osp
@@ -68,9 +69,13 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if REPO not in sys.path:  # run from a checkout without orepa_mm installed
     sys.path.insert(0, REPO)
 
-VARIANTS = ('plain', 'dbb', 'orepa')
+VARIANTS = ('plain', 'dbb', 'orepa', 'dbb-kxk')
+#: Variants measured unless --variants says otherwise.
+DEFAULT_VARIANTS = ('plain', 'dbb', 'orepa')
+#: conv_cfg type of the 'dbb-kxk' variant (registered by :func:`register_dbb_kxk`).
+DBB_KXK = 'BenchmarkDBBkxk'
 MODELS = ('resnet18', 'resnet50', 'faster-rcnn', 'pspnet')
-RESNET_TYPES = {'plain': 'ResNet', 'dbb': 'DBBResNet', 'orepa': 'OREPAResNet'}
+RESNET_TYPES = {'plain': 'ResNet', 'dbb': 'DBBResNet', 'orepa': 'OREPAResNet', 'dbb-kxk': 'ResNet'}
 DET_CONFIG = 'configs/mmdet/faster-rcnn_r50-{variant}_fpn_1x_coco.py'
 SEG_CONFIG = 'configs/mmseg/pspnet_r50-d8-{variant}_4xb2-80k_cityscapes-512x1024.py'
 
@@ -227,7 +232,10 @@ class ResNetWorkload(Workload):
         super().__init__(*args)
 
     def _cfg(self, variant: str) -> dict:
-        return dict(type=RESNET_TYPES[variant], depth=self.depth, norm_eval=False, frozen_stages=-1, init_cfg=None)
+        cfg = dict(type=RESNET_TYPES[variant], depth=self.depth, norm_eval=False, frozen_stages=-1, init_cfg=None)
+        if variant == 'dbb-kxk':
+            cfg['conv_cfg'] = dict(type=DBB_KXK)
+        return cfg
 
     def build(self, variant: str) -> nn.Module:
         from mmdet.registry import MODELS
@@ -263,17 +271,18 @@ class _ConfigWorkload(Workload):
     config_template = ''
 
     def config_path(self, variant: str) -> str:
-        return osp.join(REPO, self.config_template.format(variant=variant))
+        """The repository config of ``variant`` ('dbb-kxk': the plain one, given a conv_cfg)."""
+        return osp.join(REPO, self.config_template.format(variant='plain' if variant == 'dbb-kxk' else variant))
 
     def model_cfg(self, variant: str) -> Any:
         from mmengine.config import Config
         cfg = Config.fromfile(self.config_path(variant))
         cfg.model.backbone.init_cfg = None  # random weights, no download
+        if variant == 'dbb-kxk':
+            cfg.model.backbone.conv_cfg = dict(type=DBB_KXK)
         return cfg.model
 
     def build(self, variant: str) -> nn.Module:
-        import importlib
-
         from mmengine.registry import DefaultScope
         importlib.import_module(f'{self.scope}.utils').register_all_modules(init_default_scope=False)
         registry = importlib.import_module(f'{self.scope}.registry').MODELS
@@ -379,6 +388,24 @@ class PSPNetWorkload(_ConfigWorkload):
     def eval_samples(self) -> list:
         from mmseg.structures import SegDataSample
         return [SegDataSample(metainfo=self._metainfo()) for _ in range(self.batch_size)]
+
+
+def dbb_kxk_conv(in_channels: int, out_channels: int, kernel_size: Any, *args: Any, **kwargs: Any) -> nn.Module:
+    """conv_cfg builder of the 'dbb-kxk' variant: a DBB layer for ``1 < k < 7``,
+    a plain ``nn.Conv2d`` otherwise.  This is the DBB baseline of the paper
+    (the reference code's ``choose_blk`` keeps 1x1 convs and the 7x7 stem
+    plain), whereas orepa_mm's ``DBBResNet`` makes every conv a DBB layer."""
+    from orepa_mm import DBBConv2d
+    size = kernel_size if isinstance(kernel_size, int) else kernel_size[0]
+    cls = DBBConv2d if 1 < size < 7 else nn.Conv2d
+    return cls(in_channels, out_channels, kernel_size, *args, **kwargs)
+
+
+def register_dbb_kxk() -> None:
+    """Register :func:`dbb_kxk_conv` as conv type :data:`DBB_KXK` (mmengine's root MODELS)."""
+    from mmengine.registry import MODELS as ROOT_MODELS
+    if DBB_KXK not in ROOT_MODELS.module_dict:
+        ROOT_MODELS.register_module(name=DBB_KXK, module=dbb_kxk_conv)
 
 
 def make_workload(name: str, batch_size: int, input_size: Tuple[int, int], device: torch.device,
@@ -700,7 +727,7 @@ def cpu_model() -> str:
 
 
 def package_versions() -> Dict[str, Optional[str]]:
-    import importlib
+    """Versions of the packages that matter here (None where missing)."""
     out: Dict[str, Optional[str]] = {}
     for module in ('torch', 'mmengine', 'mmcv', 'mmdet', 'mmseg', 'orepa_mm', 'numpy'):
         try:
@@ -770,23 +797,27 @@ def table_rows(report: Dict[str, Any]) -> Tuple[List[str], List[List[str]]]:
 
 
 def comparisons(report: Dict[str, Any]) -> List[str]:
-    """The paper's two claims, where plain, DBB and OREPA were all measured:
-    OREPA's extra activation memory over plain relative to DBB's, and its
-    training speed-up over DBB."""
+    """The paper's two claims, where plain, OREPA and a DBB variant were
+    measured: OREPA's extra activation memory over plain relative to DBB's,
+    and its training speed-up over DBB."""
     lines = []
     for name, res in report['results'].items():
         v = res['variants']
-        if not all(k in v for k in VARIANTS):
-            continue
-        act = {k: v[k]['saved_activation_bytes'] for k in VARIANTS}
-        step = {k: v[k]['train_step_s']['median'] for k in VARIANTS}
-        parts = []
-        if act['dbb'] != act['plain']:
-            share = (act['orepa'] - act['plain']) / (act['dbb'] - act['plain'])
-            parts.append(f'OREPA needs {share:.0%} of DBB\'s extra activation memory over plain '
-                         f'({1 - share:.0%} less)')
-        parts.append(f'OREPA trains {step["dbb"] / step["orepa"]:.2f}x as fast as DBB')
-        lines.append(f'{name}: ' + '; '.join(parts))
+        for dbb in ('dbb', 'dbb-kxk'):
+            if not all(k in v for k in ('plain', 'orepa', dbb)):
+                continue
+            act = {k: v[k]['saved_activation_bytes'] for k in ('plain', 'orepa', dbb)}
+            step = {k: v[k]['train_step_s']['median'] for k in ('plain', 'orepa', dbb)}
+            parts = []
+            if act['orepa'] <= act['plain']:
+                parts.append(f'OREPA keeps no more for backward than plain ({act["orepa"] / act["plain"]:.2f}x), '
+                             f'{dbb} {act[dbb] / act["plain"]:.2f}x')
+            elif act[dbb] > act['plain']:
+                share = (act['orepa'] - act['plain']) / (act[dbb] - act['plain'])
+                parts.append(f'OREPA needs {share:.0%} of {dbb}\'s extra activation memory over plain '
+                             f'({1 - share:.0%} less)')
+            parts.append(f'OREPA trains {step[dbb] / step["orepa"]:.2f}x as fast as {dbb}')
+            lines.append(f'{name}: ' + '; '.join(parts))
     return lines
 
 
@@ -821,7 +852,7 @@ def markdown(report: Dict[str, Any]) -> str:
         f'# Benchmark: {", ".join(cfg["models"])}, batch {cfg["batch_size"]}, input {h}x{w}',
         '',
         f'- date: {meta["date"]}',
-        f'- device: {meta["device"]} ({meta["device_name"]}), {meta["torch_threads"]} torch threads, '
+        f'- device: {meta["device"]} ({meta["device_name"]}), {meta["torch_threads"]} torch thread(s), '
         f'{meta["cpu_count"]} CPUs',
         f'- load average (1/5/15 min): {meta["load_average_start"]} at the start, {meta["load_average_end"]} '
         'at the end',
@@ -856,8 +887,8 @@ def draw_chart(report: Dict[str, Any], path: str) -> bool:
     metrics = [m for m in METRICS if cuda or m[0] != 'cuda_max_allocated_bytes']
     names = list(report['results'])
     variants = report['config']['variants']
-    fig, axes = plt.subplots(len(names), 1, figsize=(1.6 * len(metrics) * max(len(variants), 2) / 2 + 2,
-                                                     3.6 * len(names)), squeeze=False)
+    width_in = max(8.0, 2.0 + 0.45 * len(metrics) * len(variants))
+    fig, axes = plt.subplots(len(names), 1, figsize=(width_in, 4.2 * len(names)), squeeze=False)
     width = 0.8 / len(variants)
     for ax, name in zip(axes[:, 0], names):
         res = report['results'][name]
@@ -887,37 +918,44 @@ def draw_chart(report: Dict[str, Any], path: str) -> bool:
 # Command line
 # ---------------------------------------------------------------------------
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command-line options (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--models', nargs='+', default=['resnet50'], choices=MODELS)
-    parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=VARIANTS,
-                        help='the first one is the baseline of the ratios')
-    parser.add_argument('--batch-size', type=int, default=2)
-    parser.add_argument('--input-size', type=int, nargs=2, default=[512, 512], metavar=('H', 'W'))
+    parser.add_argument('--models', nargs='+', default=['resnet50'], choices=MODELS, help='models to measure')
+    parser.add_argument('--variants', nargs='+', default=list(DEFAULT_VARIANTS), choices=VARIANTS,
+                        help="the first one is the baseline of the ratios. dbb: orepa_mm's DBBResNet (every conv "
+                        "a DBB layer); dbb-kxk: DBB layers for the 1 < k < 7 convs only, the paper's DBB baseline "
+                        '(1x1 convs and the 7x7 stem plain)')
+    parser.add_argument('--batch-size', type=int, default=2, help='images per step')
+    parser.add_argument('--input-size', type=int, nargs=2, default=[512, 512], metavar=('H', 'W'),
+                        help='input height and width')
     parser.add_argument('--rounds', type=int, default=5, help='timed rounds; the median is reported')
     parser.add_argument('--warmup', type=int, default=1, help='untimed steps per variant first')
     parser.add_argument('--iters', type=int, default=1, help='steps per timing (their mean is one sample)')
-    parser.add_argument('--out-dir', default='benchmark_results')
+    parser.add_argument('--out-dir', default='benchmark_results', help='where the JSON, Markdown and PNG go')
     parser.add_argument('--device', choices=['cpu', 'cuda'], default=None,
-                        help='default: cuda when available, else cpu')
+                        help='None: cuda when available, else cpu')
     parser.add_argument('--amp', action='store_true', help='torch.autocast: bfloat16 on CPU, float16 on CUDA')
-    parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch\'s)')
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--threads', type=int, default=None,
+                        help="torch.set_num_threads (None: torch's choice); 1 is far less sensitive to other "
+                        'work on a shared CPU')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the weights and the synthetic data')
     parser.add_argument('--lr', type=float, default=0.0,
                         help='SGD learning rate (momentum 0.9). The default 0 does all the work of a step but keeps '
                         'the weights, so the data-dependent work of a detector (proposals, RoIs) stays that of '
                         'the calibrated initial weights in every round and variant, and nothing diverges')
     parser.add_argument('--skip-eval', action='store_true', help='skip the evaluation-forward timings')
     parser.add_argument('--profile', choices=VARIANTS, default=None,
-                        help='only profile training steps of this variant of the first model')
-    parser.add_argument('--profile-steps', type=int, default=3)
+                        help='instead of the benchmark, profile training steps of this variant of the first model')
+    parser.add_argument('--profile-steps', type=int, default=3, help='profiled training steps')
     parser.add_argument('--profile-top', type=int, default=25, help='rows of the profile table')
     args = parser.parse_args(argv)
     if len(set(args.variants)) != len(args.variants) or len(set(args.models)) != len(args.models):
         parser.error('--models and --variants must not repeat')
-    if min(args.rounds, args.iters, args.batch_size, *args.input_size) < 1 or args.warmup < 0:
-        parser.error('--rounds, --iters, --batch-size and --input-size must be >= 1, --warmup >= 0')
-    if 'pspnet' in args.models and args.batch_size < 2 and not args.profile:
+    if min(args.rounds, args.iters, args.batch_size, args.profile_steps, *args.input_size) < 1 or args.warmup < 0:
+        parser.error('--rounds, --iters, --batch-size, --input-size and --profile-steps must be >= 1, '
+                     '--warmup >= 0')
+    if 'pspnet' in args.models and args.batch_size < 2:
         parser.error('pspnet needs --batch-size >= 2: its pyramid pooling has a 1x1 bin followed by BN, '
                      'which cannot train on one value per channel')
     return args
@@ -941,7 +979,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     import orepa_mm  # noqa: F401 - registers the OREPA/DBB layers and backbones
+    register_dbb_kxk()
 
+    load = _load_average()
+    if device.type == 'cpu' and load and load[0] >= (os.cpu_count() or 1):
+        progress(f'note: the machine is busy (load average {load[0]} on {os.cpu_count()} CPUs); CPU timings '
+                 f'with {torch.get_num_threads()} threads suffer badly from contention: consider --threads 1')
     stem = output_stem(args, device)
     if args.profile:
         profile(args, device, stem)

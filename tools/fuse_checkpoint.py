@@ -51,7 +51,9 @@ class FuseError(RuntimeError):
 # -- atomic output --------------------------------------------------------------
 def _atomic_write(path: str, write) -> None:
     """Write via a temporary file in the target folder, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=osp.dirname(path) or '.', prefix='.' + osp.basename(path) + '.')
+    # Keep the extension: mmengine picks the config dump format from it.
+    fd, tmp = tempfile.mkstemp(dir=osp.dirname(path) or '.', prefix='.' + osp.basename(path) + '.',
+                               suffix=osp.splitext(path)[1])
     os.close(fd)
     try:
         write(tmp)

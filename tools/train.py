@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 
+import torch
 from mmengine.runner import Runner
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +31,24 @@ def main() -> None:
     if args.amp:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.loss_scale = 'dynamic'
+    if args.launcher != 'none' and not torch.cuda.is_available():
+        setup_cpu_distributed(cfg)
     Runner.from_cfg(cfg).train()
+
+
+def setup_cpu_distributed(cfg) -> None:
+    """Distributed training without GPUs: mmengine 0.10.7's ``init_dist``
+    calls ``torch.cuda.set_device`` and wraps the model with
+    ``device_ids=[local_rank]``, both of which need CUDA.  Initialise a gloo
+    process group here (the Runner then reuses it) and wrap without device ids."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group(backend='gloo')
+    wrapper = dict(cfg.get('model_wrapper_cfg') or {})
+    wrapper.setdefault('type', 'MMDistributedDataParallel')
+    wrapper.update(device_ids=None, broadcast_buffers=False,
+                   find_unused_parameters=cfg.get('find_unused_parameters', False))
+    cfg.model_wrapper_cfg = wrapper
 
 
 if __name__ == '__main__':
