@@ -83,7 +83,8 @@ def test_distributed_two_process_gloo(toy_root):
     log = out.stdout + out.stderr
     assert 'Distributed training: True' in log and 'MMDistributedDataParallel' in log, log[-3000:]
     assert (work / 'iter_2.pth').is_file()
-    sd = torch.load(work / 'iter_2.pth', map_location='cpu')['state_dict']  # weights-only by default
+    import orepa_mm  # noqa: F401  (weights-only allowlist for mmengine checkpoints)
+    sd = torch.load(work / 'iter_2.pth', map_location='cpu')['state_dict']
     assert any('branches' in k for k in sd)
 
 
