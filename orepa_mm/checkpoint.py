@@ -67,8 +67,15 @@ def load_checkpoint_file(path: str, map_location: str = 'cpu') -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f'refusing to load {path}: it contains objects outside the weights-only '
-                              f'allowlist ({str(e).splitlines()[0]})') from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        text = str(e)
+        # torch's message: advice, then "WeightsUnpickler error: <reason>".
+        detail = text.split('WeightsUnpickler error:', 1)[-1].strip().splitlines()
+        detail = detail[0].strip() if detail else ''
+        if 'global' in detail.lower() or 'reduce' in detail.lower():
+            raise CheckpointError(f'refusing to load {path}: it contains objects outside the weights-only '
+                                  f'allowlist ({detail})') from None
+        raise CheckpointError(f'cannot read checkpoint {path}: the file is corrupt or truncated '
+                              f'({detail[:120] or "not a torch checkpoint"})') from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f'cannot read checkpoint {path}: the file is corrupt or truncated '
                               f'({str(e).splitlines()[0]})') from None

@@ -85,10 +85,10 @@ def test_backbone_only_matches_vanilla_backbone_layout(training_ckpt, tmp_path):
     assert _files(out) == {f'{DET_CFG.stem}_fused_backbone.pth'}
     sd = torch.load(out / f'{DET_CFG.stem}_fused_backbone.pth', weights_only=True)['state_dict']
     from mmdet.models.backbones import ResNet
-    plain = ResNet(depth=18, base_channels=32)
+    plain = ResNet(depth=18, base_channels=16)
     assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in plain.state_dict().items()}
     # Usable as Pretrained init of another model.
-    other = ResNet(depth=18, base_channels=32, init_cfg=dict(type='Pretrained', checkpoint=str(
+    other = ResNet(depth=18, base_channels=16, init_cfg=dict(type='Pretrained', checkpoint=str(
         out / f'{DET_CFG.stem}_fused_backbone.pth')))
     other.init_weights()
     assert torch.equal(other.conv1.weight, sd['conv1.weight'])

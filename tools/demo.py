@@ -47,10 +47,11 @@ def prediction_gap(model_a: torch.nn.Module, model_b: torch.nn.Module, data_batc
         data = model_a.data_preprocessor(data_batch, False)
         out_a = model_a(data['inputs'], data['data_samples'], mode='tensor')
         out_b = model_b(data['inputs'], data['data_samples'], mode='tensor')
-    flat_a = [t for t in _flatten(out_a)]
-    flat_b = [t for t in _flatten(out_b)]
-    scale = max(t.abs().max().item() for t in flat_a)
-    return max((a - b).abs().max().item() for a, b in zip(flat_a, flat_b)) / scale
+    flat_a = [t for t in _flatten(out_a) if t.numel()]
+    flat_b = [t for t in _flatten(out_b) if t.numel()]
+    if [t.shape for t in flat_a] != [t.shape for t in flat_b]:
+        return float('inf')
+    return max((a - b).abs().max().item() / (a.abs().max().item() or 1.0) for a, b in zip(flat_a, flat_b))
 
 
 def _flatten(obj):
