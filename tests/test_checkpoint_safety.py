@@ -73,8 +73,9 @@ class _Exploit:
 
 
 def test_checkpoint_with_os_system_is_refused(tmp_path):
-    import orepa_mm  # noqa: F401  (installs the allowlist)
     from mmengine.runner import load_checkpoint
+
+    import orepa_mm  # noqa: F401  (installs the allowlist)
     from orepa_mm.checkpoint import CheckpointError, load_checkpoint_file
     marker = tmp_path / 'pwned'
     path = tmp_path / 'evil.pth'

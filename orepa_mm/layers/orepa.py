@@ -16,7 +16,6 @@ returns a kernel) hold the branch parameters:
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
