@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from typing import Any, List
 
@@ -67,15 +68,15 @@ def load_checkpoint_file(path: str, map_location: str = 'cpu') -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        text = str(e)
-        # torch's message: advice, then "WeightsUnpickler error: <reason>".
-        detail = text.split('WeightsUnpickler error:', 1)[-1].strip().splitlines()
-        detail = detail[0].strip() if detail else ''
-        if 'global' in detail.lower() or 'reduce' in detail.lower():
+        # torch's message: generic advice, then the reason on a line of its own.
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = next((ln.split('WeightsUnpickler error:')[-1].strip() for ln in lines[1:]
+                       if re.search(r'global|reduce|can only build|allowlist', ln, re.I)), None)
+        if reason:
             raise CheckpointError(f'refusing to load {path}: it contains objects outside the weights-only '
-                                  f'allowlist ({detail})') from None
+                                  f'allowlist ({reason[:200]})') from None
         raise CheckpointError(f'cannot read checkpoint {path}: the file is corrupt or truncated '
-                              f'({detail[:120] or "not a torch checkpoint"})') from None
+                              '(not a torch checkpoint)') from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f'cannot read checkpoint {path}: the file is corrupt or truncated '
                               f'({str(e).splitlines()[0]})') from None
