@@ -42,27 +42,10 @@ def make_data(data_root: str) -> None:
 
 def prediction_gap(model_a: torch.nn.Module, model_b: torch.nn.Module, data_batch: dict) -> float:
     """Largest difference between two models' raw outputs on a batch,
-    relative to the magnitude of model_a's outputs."""
+    relative to each output's magnitude (fuse_checkpoint's --verify check)."""
     with torch.no_grad():
         data = model_a.data_preprocessor(data_batch, False)
-        out_a = model_a(data['inputs'], data['data_samples'], mode='tensor')
-        out_b = model_b(data['inputs'], data['data_samples'], mode='tensor')
-    flat_a = [t for t in _flatten(out_a) if t.numel()]
-    flat_b = [t for t in _flatten(out_b) if t.numel()]
-    if [t.shape for t in flat_a] != [t.shape for t in flat_b]:
-        return float('inf')
-    return max((a - b).abs().max().item() / (a.abs().max().item() or 1.0) for a, b in zip(flat_a, flat_b))
-
-
-def _flatten(obj):
-    if torch.is_tensor(obj):
-        yield obj.float()
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _flatten(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _flatten(o)
+    return importlib.import_module('fuse_checkpoint').verify(model_a, model_b, [data])
 
 
 def run_job(name: str, config: str, metric_key: str, work_root: str, max_iters: int | None) -> Dict[str, float]:
