@@ -424,6 +424,55 @@ def test_online_kernel_twice_backward_accumulates() -> None:
         assert_rel_close(p.grad, q.grad, 1e-10, name)
 
 
+# -- 3b. the generators' analytic fast path ---------------------------------------
+# (in, out, k, groups): 1x1 and k x k blocks, grouped, depthwise, and groups > 4
+# (the 1x1-kxk internal width is then 2 * in).
+FAST_PATH_CASES = ((4, 6, 1, 1), (6, 4, 1, 2), (4, 6, 3, 1), (4, 6, 3, 2), (6, 6, 5, 3), (8, 8, 3, 8),
+                   (10, 10, 3, 5), (4, 8, 3, 4))
+
+
+@pytest.mark.parametrize('cin,cout,k,groups', FAST_PATH_CASES)
+def test_generator_fast_path_matches_reference(cin: int, cout: int, k: int, groups: int) -> None:
+    """``generate``/``kernel_backward`` (hand-written, buffer-reusing) equal the
+    autograd formula ``reference_kernel`` and its gradients, and pass gradcheck."""
+    layer = randomize_(OREPAConv2d(cin, cout, k, 1, k // 2, groups=groups)).double()
+    br = layer.branches
+    with torch.no_grad():
+        for p in br.parameters():  # every factor random, including the identity-initialised ones
+            p.add_(torch.randn_like(p) * 0.3)
+    names, params = zip(*br.named_parameters())
+    ref = br.reference_kernel()
+    assert_rel_close(br.generate(), ref, TOL[torch.float64], 'generated kernel')
+    assert_rel_close(br.generate(scratch=True), ref, TOL[torch.float64], 'generated kernel (scratch)')
+    grad = torch.randn_like(ref)
+    want = dict(zip(names, torch.autograd.grad(ref, params, grad)))
+    got = br.kernel_backward(grad)
+    assert set(got) == set(names)
+    for name in names:
+        assert_rel_close(got[name], want[name], TOL[torch.float64], f'grad of {name}')
+    leaves = [p.detach().clone().requires_grad_() for p in params]
+    assert torch.autograd.gradcheck(
+        lambda *ps: torch.func.functional_call(br, dict(zip(names, ps)), ()), leaves, eps=1e-6, atol=1e-7)
+
+
+def test_generated_kernels_and_grads_outlive_the_scratch_buffers() -> None:
+    """Results handed out (kernels, parameter gradients) never live in the
+    reused buffers: generating and differentiating other layers leaves them intact."""
+    a = randomize_(OREPAConv2d(8, 8, 3, 1, 1))
+    b = randomize_(OREPAConv2d(8, 8, 3, 1, 1, groups=8))
+    c = randomize_(OREPAConv2d(8, 8, 1))
+    kernel = a.branches.generate()
+    grads = a.branches.kernel_backward(torch.randn_like(kernel))
+    saved = kernel.clone(), {n: g.clone() for n, g in grads.items()}
+    for layer in (b, c, a):
+        k2 = layer.branches.generate(scratch=True)
+        layer.branches.kernel_backward(torch.randn_like(k2))
+        layer.branches.generate()
+    assert torch.equal(kernel, saved[0])
+    for name, g in grads.items():
+        assert torch.equal(g, saved[1][name]), name
+
+
 # -- 4. plain checkpoints -----------------------------------------------------------
 def random_plain_conv(cin: int, cout: int, k: int, groups: int, bias: bool) -> nn.Conv2d:
     conv = nn.Conv2d(cin, cout, k, 1, k // 2, groups=groups, bias=bias)

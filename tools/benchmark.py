@@ -82,6 +82,7 @@ SEG_CONFIG = 'configs/mmseg/pspnet_r50-d8-{variant}_4xb2-80k_cityscapes-512x1024
 #: Metrics reported as ratios, in table order: (key, column title, kind).
 METRICS = (
     ('train_step_s', 'train step', 'time'),
+    ('train_gflop', 'train GFLOP', 'gflop'),
     ('saved_activation_bytes', 'saved for backward', 'bytes'),
     ('cuda_max_allocated_bytes', 'CUDA step peak', 'bytes'),
     ('param_grad_optimizer_bytes', 'params+grads+optim', 'bytes'),
@@ -519,6 +520,18 @@ class Trainee:
             out['cuda_max_allocated_bytes'] = torch.cuda.max_memory_allocated(self.device) - base
         return out
 
+    def flop_step(self) -> Dict[str, Any]:
+        """A train step under ``FlopCounterMode``: the GEMM and convolution
+        FLOPs (forward, backward, and for OREPA its kernel generation and
+        recomputation), in total and by operator."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self.train_step()
+        by_op = {str(op).split('.')[1]: n / 1e9 for op, n in counter.get_flop_counts()['Global'].items()}
+        return dict(train_gflop=counter.get_total_flops() / 1e9, train_gflop_by_op=by_op)
+
     def state_bytes(self) -> Dict[str, int]:
         """Parameters, gradients (of trainable parameters) and optimizer state, in bytes."""
         params = list(self.model.parameters())
@@ -592,11 +605,12 @@ def benchmark_model(name: str, args: argparse.Namespace, device: torch.device) -
                 progress(f'{name} | warm-up {w + 1}/{args.warmup} | {t.variant} | train step done')
                 continue
             results[t.variant].update(t.memory_step())
+            results[t.variant].update(t.flop_step())
             results[t.variant]['workload'] = dict(train=workload.stats(t.model))
             r = results[t.variant]
             cuda = r['cuda_max_allocated_bytes']
             progress(f'{name} | memory step | {t.variant} | saved for backward '
-                     f'{r["saved_activation_bytes"] / 1e6:.1f} MB'
+                     f'{r["saved_activation_bytes"] / 1e6:.1f} MB, {r["train_gflop"]:.1f} GFLOP per step'
                      + ('' if cuda is None else f', CUDA step peak {cuda / 1e6:.1f} MB'))
 
     step_times: Dict[str, List[float]] = {t.variant: [] for t in trainees}
@@ -776,6 +790,8 @@ def fmt_value(value: Optional[float], kind: str) -> str:
         return f'{value * 1e3:.1f} ms' if value < 1 else f'{value:.3f} s'
     if kind == 'bytes':
         return f'{value / 1e9:.2f} GB' if value >= 1e9 else f'{value / 1e6:.1f} MB'
+    if kind == 'gflop':
+        return f'{value:.1f}'
     return f'{value / 1e6:.2f}M'
 
 

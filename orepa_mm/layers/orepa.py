@@ -16,7 +16,9 @@ returns a kernel) hold the branch parameters:
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import math
+import threading
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -29,6 +31,43 @@ from .base import IntOrPair, ReparamConv2d
 __all__ = ['OREPAConv2d', 'OREPA1x1Branches', 'OREPAKxKBranches', 'OREPAStackedBranches']
 
 
+class _Scratch(threading.local):
+    """Reusable buffers for the temporaries of kernel generation, per thread.
+
+    On CPU a fresh large tensor costs a page fault per 4 KiB page on first
+    touch (glibc serves big allocations with new mappings), and generating
+    and differentiating a kernel needs several kernel-sized temporaries per
+    layer and step: measured, those faults cost more than the arithmetic.
+    Layers run one after the other, so one buffer per role, grown to the
+    largest layer, serves them all (a few times the largest kernel in all).
+    On other devices the caching allocator already reuses memory and the
+    buffers are plain fresh tensors.  A buffer is only valid until the next
+    call that asks for the same role: nothing built in one may escape.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: Dict[Tuple[str, torch.dtype], Tensor] = {}
+
+    def get(self, role: str, shape: Sequence[int], like: Tensor) -> Tensor:
+        if like.device.type != 'cpu':
+            return like.new_empty(shape)
+        numel = math.prod(shape)
+        key = (role, like.dtype)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            with torch.inference_mode(False):  # usable outside inference mode later on
+                buf = self.buffers[key] = torch.empty(numel, dtype=like.dtype)
+        return buf[:numel].view(shape)
+
+
+_scratch = _Scratch()
+
+
+def _rowwise_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``sum_j a[o, ..] * b[o, ..]`` for every row ``o`` (same shapes)."""
+    return torch.mul(a, b, out=_scratch.get('dot', a.shape, a)).flatten(1).sum(1)
+
+
 def _kaiming_(t: Tensor) -> Tensor:
     # The reference initialises every kernel with kaiming_uniform_(a=0);
     # fan-in is computed from the 4-D conv layout.
@@ -37,8 +76,73 @@ def _kaiming_(t: Tensor) -> Tensor:
     nn.init.kaiming_uniform_(view, a=0.0)
     return t
 
+class _GeneratedKernel(torch.autograd.Function):
+    """Autograd node of a kernel generator: ``generate()`` forward, the
+    generator's analytic ``kernel_backward()`` backward."""
 
-class OREPA1x1Branches(nn.Module):
+    @staticmethod
+    def forward(ctx, generator: 'KernelGenerator', *params: Tensor) -> Tensor:
+        ctx.generator = generator
+        return generator.generate()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_kernel: Tensor):
+        grads = ctx.generator.parameter_grads(grad_kernel, ctx.needs_input_grad[1:])
+        return (None, *grads)
+
+
+class KernelGenerator(nn.Module):
+    """A module that holds branch parameters and generates one conv kernel.
+
+    ``forward()`` takes no input and returns the kernel.  Subclasses write the
+    kernel twice:
+
+    * ``reference_kernel()``: the readable formula, built from
+      :mod:`orepa_mm.kernels` with plain autograd.  It is the definition; the
+      tests hold the fast path to it.
+    * ``generate()`` / ``kernel_backward(grad)``: the same kernel and its
+      parameter gradients computed by hand, with few large GEMMs, in-place
+      accumulation and no autograd graph.  The generation runs once per layer
+      per training step (twice with the recomputation in backward) and does
+      not shrink with the batch, so its elementwise passes matter at small
+      batches.
+
+    The default ``generate``/``kernel_backward`` fall back to the reference.
+    """
+
+    def reference_kernel(self) -> Tensor:
+        raise NotImplementedError
+
+    def generate(self, scratch: bool = False) -> Tensor:
+        """The kernel, without autograd.  With ``scratch`` it may live in a
+        shared buffer that the next generation overwrites: use it at once."""
+        with torch.no_grad():
+            return self.reference_kernel()
+
+    def kernel_backward(self, grad_kernel: Tensor) -> Dict[str, Tensor]:
+        """``dL/dp`` by parameter name, given ``dL/dkernel`` (frozen parameters may be left out)."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        with torch.enable_grad():
+            kernel = self.reference_kernel()
+            grads = torch.autograd.grad(kernel, [p for _, p in named], grad_kernel, allow_unused=True)
+        return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(named, grads)}
+
+    def parameter_grads(self, grad_kernel: Tensor, needed: Sequence[bool]) -> List[Optional[Tensor]]:
+        """``kernel_backward`` in ``parameters()`` order, ``None`` where not needed."""
+        if not any(needed):
+            return [None] * len(needed)
+        grads = self.kernel_backward(grad_kernel.to(self.branch_scales.dtype))
+        return [grads[name] if need else None for (name, _), need in zip(self.named_parameters(), needed)]
+
+    def forward(self) -> Tensor:
+        params = tuple(self.parameters())
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return _GeneratedKernel.apply(self, *params)
+        return self.generate()
+
+
+class OREPA1x1Branches(KernelGenerator):
     """1x1 block: an origin 1x1 kernel plus a "linear-to-identity" pair.
 
     ``kernel = v[0] * W + v[1] * (B @ A)`` per output channel, with the pair
@@ -73,13 +177,44 @@ class OREPA1x1Branches(nn.Module):
             scales = (1.0, 0.0) if single_init else (1.0, 0.5)
             self.branch_scales.copy_(torch.tensor(scales)[:, None].expand_as(self.branch_scales))
 
-    def forward(self) -> Tensor:
+    def reference_kernel(self) -> Tensor:
         v = self.branch_scales
-        # Scale the narrow factor: t <= out, so this is the cheaper place.
         pair = K.compose_1x1_1x1(self.weight_l2i_first, K.scale_out_channels(self.weight_l2i_second, v[1]),
                                  self.groups)
-        kernel = K.scale_out_channels(self.weight_origin, v[0]) + pair
-        return kernel[:, :, None, None]
+        return (K.scale_out_channels(self.weight_origin, v[0]) + pair)[:, :, None, None]
+
+    def _grouped(self, t: Tensor) -> Tensor:
+        """A ``(rows, cols)`` matrix of a grouped 1x1 conv as ``(groups, rows / groups, cols)``."""
+        return t.view(self.groups, t.shape[0] // self.groups, t.shape[1])
+
+    def generate(self, scratch: bool = False) -> Tensor:
+        o, v = self.out_channels, self.branch_scales
+        with torch.no_grad():
+            # kernel = v0 * W + (v1 * B) @ A; the scaled factor B is no larger than the kernel (t <= in).
+            b = self.weight_l2i_second
+            second = torch.mul(b, v[1, :, None], out=_scratch.get('1x1.second', b.shape, b))
+            shape = (o, self.in_channels // self.groups)
+            kernel = _scratch.get('kernel', shape, b) if scratch else b.new_empty(shape)
+            torch.bmm(self._grouped(second), self._grouped(self.weight_l2i_first), out=self._grouped(kernel))
+            return kernel.addcmul_(self.weight_origin, v[0, :, None])[:, :, None, None]
+
+    def kernel_backward(self, grad_kernel: Tensor) -> Dict[str, Tensor]:
+        v = self.branch_scales
+        first, second = self.weight_l2i_first, self.weight_l2i_second
+        with torch.no_grad():
+            grad = grad_kernel.reshape(self.out_channels, -1)
+            grad_g = self._grouped(grad)
+            # d/d(v1 * B) = G @ A^T, then split into B's and v1's parts.
+            grad_scaled = _scratch.get('1x1.grad_second', second.shape, second)
+            torch.bmm(grad_g, self._grouped(first).transpose(1, 2), out=self._grouped(grad_scaled))
+            scaled = torch.mul(second, v[1, :, None], out=_scratch.get('1x1.second', second.shape, second))
+            return {
+                'weight_origin': grad * v[0, :, None],
+                'weight_l2i_first': torch.bmm(self._grouped(scaled).transpose(1, 2), grad_g).view_as(first),
+                'weight_l2i_second': grad_scaled * v[1, :, None],
+                'branch_scales': torch.stack([_rowwise_dot(grad, self.weight_origin),
+                                              _rowwise_dot(grad_scaled, second)]),
+            }
 
     def plain_state(self, weight: Tensor) -> Dict[str, Tensor]:
         """Branch values that make the block compute the plain kernel ``weight``."""
@@ -88,7 +223,7 @@ class OREPA1x1Branches(nn.Module):
         return {'weight_origin': K.as_matrix(weight), 'branch_scales': scales}
 
 
-class OREPAKxKBranches(nn.Module):
+class OREPAKxKBranches(KernelGenerator):
     """The six-branch OREPA block for an odd ``k >= 3``.
 
     Per output channel ``o`` (``v = branch_scales``, initial values in brackets):
@@ -159,7 +294,7 @@ class OREPAKxKBranches(nn.Module):
             scales = (1.0, 0, 0, 0, 0, 0) if single_init else self.INIT_SCALES
             self.branch_scales.copy_(torch.tensor(scales)[:, None].expand_as(self.branch_scales))
 
-    def forward(self) -> Tensor:
+    def reference_kernel(self) -> Tensor:
         v = self.branch_scales
         o, in_g, k = self.out_channels, self.in_channels // self.groups, self.kernel_size
         kernel = K.scale_out_channels(self.weight_origin, v[0])
@@ -172,13 +307,105 @@ class OREPAKxKBranches(nn.Module):
                                           self.EXPAND, self.groups)
         return kernel
 
+    # -- the fast path -----------------------------------------------------------
+    # Work layout: the 1x1-kxk branch is a contraction over its internal width
+    # t with (out, k*k) as rows, so it is built as ONE GEMM per group in the
+    # layout (out, k*k, in_g), where the avg/prior/1x1 branches also land as a
+    # batched rank-3 update; one pass then moves it to the conv layout
+    # (out, in_g, k*k) while adding the origin, and the depthwise-separable
+    # branch (a batched product over input channels) is added in place.
+    def _sizes(self) -> Tuple[int, int, int, int, int, int]:
+        g, o, kk = self.groups, self.out_channels, self.kernel_size ** 2
+        return g, o, o // g, self.in_channels // g, self.internal // g, kk
+
+    def generate(self, scratch: bool = False) -> Tensor:
+        g, o, o_g, in_g, t_g, kk = self._sizes()
+        e, k, v = self.EXPAND, self.kernel_size, self.branch_scales
+        like, get = self.weight_origin, _scratch.get
+        with torch.no_grad():
+            # 1x1-kxk: (v3 * C) in the work layout (o, kk, t_g), times (A + I)
+            second = torch.mul(self.weight_1x1_kxk_second.view(o, t_g, kk).transpose(1, 2), v[3, :, None, None],
+                               out=get('kxk.second', (o, kk, t_g), like))
+            first = torch.add(self.weight_1x1_kxk_first, self.identity_1x1_kxk,
+                              out=get('kxk.first', self.identity_1x1_kxk.shape, like))
+            work = get('kxk.work', (o, kk, in_g), like)
+            torch.bmm(second.view(g, o_g * kk, t_g), first.view(g, t_g, in_g), out=work.view(g, o_g * kk, in_g))
+            # avg, prior, centred 1x1: (o, kk, 3) @ (o, 3, in_g), accumulated in place
+            patterns = self.spatial_patterns * v[[1, 2, 4]].t()[:, :, None]  # (o, 3, kk)
+            factors = torch.stack([self.weight_avg, self.weight_prior, self.weight_1x1], dim=1,
+                                  out=get('kxk.factors', (o, 3, in_g), like))
+            work.baddbmm_(patterns.transpose(1, 2), factors)
+            # origin, while moving to the conv layout (o, in_g, kk)
+            kernel = get('kernel', (o, in_g, kk), like) if scratch else like.new_empty(o, in_g, kk)
+            torch.addcmul(work.transpose(1, 2), self.weight_origin.view(o, in_g, kk), v[0, :, None, None],
+                          out=kernel)
+            # depthwise-separable: a product per input channel of (v5 * pw) (o_g, e) and dw (e, kk)
+            pw = torch.mul(self.weight_pw.view(g, o_g, in_g, e).transpose(1, 2), v[5].view(g, 1, o_g, 1),
+                           out=get('kxk.pw', (g, in_g, o_g, e), like))
+            separable = get('kxk.separable', (g, in_g, o_g, kk), like)
+            torch.bmm(pw.view(g * in_g, o_g, e), self.weight_dw.view(g * in_g, e, kk),
+                      out=separable.view(g * in_g, o_g, kk))
+            kernel.view(g, o_g, in_g, kk).add_(separable.transpose(1, 2))
+            return kernel.view(o, in_g, k, k)
+
+    def kernel_backward(self, grad_kernel: Tensor) -> Dict[str, Tensor]:
+        g, o, o_g, in_g, t_g, kk = self._sizes()
+        e, v = self.EXPAND, self.branch_scales
+        like, get = self.weight_origin, _scratch.get
+        with torch.no_grad():
+            grad_kernel = grad_kernel.contiguous()
+            grad = grad_kernel.view(o, in_g, kk)
+            grad_work = get('kxk.grad_work', (o, kk, in_g), like)
+            grad_work.copy_(grad.transpose(1, 2))
+            grad_scales = torch.empty_like(v)
+            grads = {'weight_origin': grad_kernel * v[0, :, None, None, None]}
+            grad_scales[0] = _rowwise_dot(grad, self.weight_origin.view(o, in_g, kk))
+            # avg, prior, centred 1x1
+            factors = torch.stack([self.weight_avg, self.weight_prior, self.weight_1x1], dim=1,
+                                  out=get('kxk.factors', (o, 3, in_g), like))
+            grad_factors = torch.bmm(self.spatial_patterns, grad_work)  # (o, 3, in_g), before scaling
+            grad_scales[[1, 2, 4]] = torch.mul(grad_factors, factors, out=factors).sum(2).t()
+            grad_factors.mul_(v[[1, 2, 4]].t()[:, :, None])
+            for b, name in enumerate(('weight_avg', 'weight_prior', 'weight_1x1')):
+                grads[name] = grad_factors[:, b].contiguous()
+            # 1x1-kxk, in the work layout: d/d(v3 * C) = G_work @ (A + I)^T, d/dA = (v3 * C)^T @ G_work
+            second = get('kxk.second', (o, kk, t_g), like)
+            second.copy_(self.weight_1x1_kxk_second.view(o, t_g, kk).transpose(1, 2))
+            first = torch.add(self.weight_1x1_kxk_first, self.identity_1x1_kxk,
+                              out=get('kxk.first', self.identity_1x1_kxk.shape, like))
+            grad_second = get('kxk.grad_second', (o, kk, t_g), like)
+            torch.bmm(grad_work.view(g, o_g * kk, in_g), first.view(g, t_g, in_g).transpose(1, 2),
+                      out=grad_second.view(g, o_g * kk, t_g))
+            grad_scales[3] = _rowwise_dot(grad_second, second)
+            grads['weight_1x1_kxk_second'] = torch.mul(
+                grad_second.transpose(1, 2), v[3, :, None, None]).view_as(self.weight_1x1_kxk_second)
+            second.mul_(v[3, :, None, None])
+            grads['weight_1x1_kxk_first'] = torch.bmm(second.view(g, o_g * kk, t_g).transpose(1, 2),
+                                                      grad_work.view(g, o_g * kk, in_g)).view(-1, in_g)
+            # depthwise-separable, batched over input channels: (o_g, kk) x (kk, e) and (e, o_g) x (o_g, kk)
+            grad_io = get('kxk.grad_io', (g, in_g, o_g, kk), like)
+            grad_io.copy_(grad.view(g, o_g, in_g, kk).transpose(1, 2))
+            dw = self.weight_dw.view(g * in_g, e, kk)
+            grad_pw_io = torch.bmm(grad_io.view(g * in_g, o_g, kk), dw.transpose(1, 2),
+                                   out=get('kxk.grad_pw', (g * in_g, o_g, e), like))
+            grad_pw = like.new_empty(o, in_g * e)  # (a reshape could alias the scratch buffer)
+            grad_pw.view(g, o_g, in_g, e).copy_(grad_pw_io.view(g, in_g, o_g, e).transpose(1, 2))
+            grad_scales[5] = _rowwise_dot(grad_pw, self.weight_pw)
+            grads['weight_pw'] = grad_pw.mul_(v[5, :, None])
+            pw = torch.mul(self.weight_pw.view(g, o_g, in_g, e).transpose(1, 2), v[5].view(g, 1, o_g, 1),
+                           out=get('kxk.pw', (g, in_g, o_g, e), like))
+            grads['weight_dw'] = torch.bmm(pw.view(g * in_g, o_g, e).transpose(1, 2),
+                                           grad_io.view(g * in_g, o_g, kk)).view_as(self.weight_dw)
+            grads['branch_scales'] = grad_scales
+            return grads
+
     def plain_state(self, weight: Tensor) -> Dict[str, Tensor]:
         scales = torch.zeros_like(self.branch_scales)
         scales[0] = 1
         return {'weight_origin': weight, 'branch_scales': scales}
 
 
-class OREPAStackedBranches(nn.Module):
+class OREPAStackedBranches(KernelGenerator):
     """Large kernel as the composition of stacked 3x3 OREPA kernels (the
     paper's "linear deep stem"), plus an origin k x k kernel.
 
@@ -215,7 +442,7 @@ class OREPAStackedBranches(nn.Module):
             for layer in self.stack:
                 layer.reset_parameters()
 
-    def forward(self) -> Tensor:
+    def reference_kernel(self) -> Tensor:
         v = self.branch_scales
         stacked = K.compose_stack([layer() for layer in self.stack], self.groups)
         return K.scale_out_channels(self.weight_origin, v[0]) + K.scale_out_channels(stacked, v[1])
@@ -230,11 +457,12 @@ class _OnlineKernelConv(torch.autograd.Function):
     """conv2d with a kernel generated from branch parameters, keeping only the
     input and the parameters for backward.
 
-    The generated kernel and the branch intermediates are recomputed in
-    backward (their cost does not depend on the feature map), so activation
-    memory is that of a plain conv.  Under autocast the conv runs in the
-    autocast dtype, like ``nn.Conv2d``; the kernel is generated in the
-    parameters' dtype.
+    The generated kernel is recomputed in backward (its cost does not depend
+    on the feature map) and the branch gradients come from the generator's
+    analytic ``kernel_backward``, so activation memory is that of a plain
+    conv and no autograd graph is built for the generation.  Under autocast
+    the conv runs in the autocast dtype, like ``nn.Conv2d``; the kernel is
+    generated in the parameters' dtype.
     """
 
     @staticmethod
@@ -242,7 +470,7 @@ class _OnlineKernelConv(torch.autograd.Function):
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         with torch.autocast(device_type, enabled=False):
-            kernel = layer.branches()
+            kernel = layer.branches.generate(scratch=True)
             if dtype is not None:
                 x, kernel = x.to(dtype), kernel.to(dtype)
             elif kernel.dtype != x.dtype:
@@ -253,20 +481,19 @@ class _OnlineKernelConv(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        x, *params = ctx.saved_tensors
+        x, *_ = ctx.saved_tensors
         layer = ctx.layer
         need_x = ctx.needs_input_grad[0]
-        need_params = [p for p, need in zip(params, ctx.needs_input_grad[3:]) if need]
-        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
-            kernel = layer.branches()
-        grad_x, grad_kernel, _ = torch.ops.aten.convolution_backward(
-            grad_out.to(x.dtype), x, kernel.detach().to(x.dtype), None, layer.stride, ctx.padding,
-            layer.dilation, False, [0, 0], layer.groups, [need_x, bool(need_params), False])
-        grads: List[Optional[Tensor]] = [None] * len(params)
-        if need_params:
-            found = iter(torch.autograd.grad(kernel, need_params, grad_kernel.to(kernel.dtype)))
-            grads = [next(found) if need else None for need in ctx.needs_input_grad[3:]]
+        need_params = ctx.needs_input_grad[3:]
+        with torch.autocast(x.device.type, enabled=False):
+            kernel = layer.branches.generate(scratch=True).to(x.dtype)
+            grad_x, grad_kernel, _ = torch.ops.aten.convolution_backward(
+                grad_out.to(x.dtype), x, kernel, None, layer.stride, ctx.padding,
+                layer.dilation, False, [0, 0], layer.groups, [need_x, any(need_params), False])
+            del kernel
+            grads = layer.branches.parameter_grads(grad_kernel, need_params)
         return (grad_x, None, None, *grads)
 
 
