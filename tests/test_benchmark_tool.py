@@ -102,9 +102,15 @@ def test_cli_smoke(tmp_path: Path) -> None:
     acts = {v: res['variants'][v]['saved_activation_bytes'] for v in ('plain', 'orepa', 'dbb')}
     assert acts['dbb'] > acts['orepa'] >= acts['plain']
     assert res['ratios']['dbb']['saved_activation_bytes'] == pytest.approx(acts['dbb'] / acts['plain'])
+    # OREPA's step adds the kernel generation's matrix products (and their
+    # recomputation) to the convolutions; DBB runs more convolutions.
+    flops = {v: res['variants'][v]['train_gflop'] for v in ('plain', 'orepa', 'dbb')}
+    assert flops['orepa'] > flops['plain'] > 0 and flops['dbb'] > flops['plain']
+    assert 'bmm' in res['variants']['orepa']['train_gflop_by_op']
+    assert 'bmm' not in res['variants']['plain']['train_gflop_by_op']
 
     md = stem.with_suffix('.md').read_text()
-    assert '| resnet18 | orepa |' in md and '(1.00x)' in md
+    assert '| resnet18 | orepa |' in md and '(1.00x)' in md and 'GFLOP per training step' in md
     pytest.importorskip('matplotlib')
     png = stem.with_suffix('.png').read_bytes()
     assert png[:8] == b'\x89PNG\r\n\x1a\n'

@@ -17,6 +17,10 @@ of ``configs/mmdet``; ``pspnet``: the PSPNet R50-D8 configs of
   independent of the device; on CUDA also the peak of
   ``torch.cuda.max_memory_allocated`` during a step, above what was allocated
   before it;
+* the convolution and matrix-product FLOPs of one training step, counted
+  with :class:`torch.utils.flop_counter.FlopCounterMode`, in total and by
+  operator (the floor under the step-time ratio: OREPA adds the GEMMs of its
+  kernel generation, the recomputation in backward included);
 * parameter, gradient and optimizer-state bytes;
 * evaluation forward time (no_grad, eval mode) of the unfused model and of
   the model after :func:`orepa_mm.fuse_model`.
@@ -852,6 +856,23 @@ def workload_lines(report: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def flop_lines(report: Dict[str, Any]) -> List[str]:
+    """GEMM and convolution FLOPs of one training step by operator: the
+    floor under the step-time ratio (OREPA's extra FLOPs are its kernel
+    generation, the recomputation in backward included)."""
+    lines = []
+    for name, res in report['results'].items():
+        parts = []
+        for variant, result in res['variants'].items():
+            by_op = result.get('train_gflop_by_op')
+            if by_op:
+                ops = ', '.join(f'{op} {gflop:.1f}' for op, gflop in sorted(by_op.items(), key=lambda kv: -kv[1]))
+                parts.append(f'{variant} {result["train_gflop"]:.1f} ({ops})')
+        if parts:
+            lines.append(f'{name} GFLOP per training step: ' + '; '.join(parts))
+    return lines
+
+
 def text_table(header: List[str], rows: List[List[str]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     line = lambda cells: '  '.join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
@@ -879,13 +900,14 @@ def markdown(report: Dict[str, Any]) -> str:
         '',
         f'Each cell: value (ratio to {base}). "saved for backward": bytes autograd keeps for backward, each '
         'storage once, parameters and buffers excluded. "params+grads+optim": parameters, their gradients and '
-        'the SGD momentum buffers. Times: median seconds per training step / evaluation forward.',
+        'the SGD momentum buffers. "train GFLOP": convolution and matrix-product FLOPs of one training step '
+        '(torch.utils.flop_counter). Times: median seconds per training step / evaluation forward.',
         '',
         '| ' + ' | '.join(header) + ' |',
         '|' + '---|' * len(header),
     ]
     lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
-    extra = comparisons(report) + workload_lines(report)
+    extra = comparisons(report) + flop_lines(report) + workload_lines(report)
     if extra:
         lines += [''] + [f'- {line}' for line in extra]
     return '\n'.join(lines) + '\n'
