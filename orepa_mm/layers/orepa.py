@@ -43,6 +43,10 @@ class _Scratch(threading.local):
     On other devices the caching allocator already reuses memory and the
     buffers are plain fresh tensors.  A buffer is only valid until the next
     call that asks for the same role: nothing built in one may escape.
+    Roles: ``s0``-``s2`` (kernel-sized working buffers, reused within one
+    ``generate``/``kernel_backward`` once their content is dead), ``kernel``
+    (the generated kernel, alive until the conv has used it), ``dot``,
+    ``first`` and ``factors``.
     """
 
     def __init__(self) -> None:
@@ -192,7 +196,7 @@ class OREPA1x1Branches(KernelGenerator):
         with torch.no_grad():
             # kernel = v0 * W + (v1 * B) @ A; the scaled factor B is no larger than the kernel (t <= in).
             b = self.weight_l2i_second
-            second = torch.mul(b, v[1, :, None], out=_scratch.get('1x1.second', b.shape, b))
+            second = torch.mul(b, v[1, :, None], out=_scratch.get('s0', b.shape, b))
             shape = (o, self.in_channels // self.groups)
             kernel = _scratch.get('kernel', shape, b) if scratch else b.new_empty(shape)
             torch.bmm(self._grouped(second), self._grouped(self.weight_l2i_first), out=self._grouped(kernel))
@@ -205,9 +209,9 @@ class OREPA1x1Branches(KernelGenerator):
             grad = grad_kernel.reshape(self.out_channels, -1)
             grad_g = self._grouped(grad)
             # d/d(v1 * B) = G @ A^T, then split into B's and v1's parts.
-            grad_scaled = _scratch.get('1x1.grad_second', second.shape, second)
+            grad_scaled = _scratch.get('s0', second.shape, second)
             torch.bmm(grad_g, self._grouped(first).transpose(1, 2), out=self._grouped(grad_scaled))
-            scaled = torch.mul(second, v[1, :, None], out=_scratch.get('1x1.second', second.shape, second))
+            scaled = torch.mul(second, v[1, :, None], out=_scratch.get('s1', second.shape, second))
             return {
                 'weight_origin': grad * v[0, :, None],
                 'weight_l2i_first': torch.bmm(self._grouped(scaled).transpose(1, 2), grad_g).view_as(first),
@@ -325,15 +329,15 @@ class OREPAKxKBranches(KernelGenerator):
         with torch.no_grad():
             # 1x1-kxk: (v3 * C) in the work layout (o, kk, t_g), times (A + I)
             second = torch.mul(self.weight_1x1_kxk_second.view(o, t_g, kk).transpose(1, 2), v[3, :, None, None],
-                               out=get('kxk.second', (o, kk, t_g), like))
+                               out=get('s0', (o, kk, t_g), like))
             first = torch.add(self.weight_1x1_kxk_first, self.identity_1x1_kxk,
-                              out=get('kxk.first', self.identity_1x1_kxk.shape, like))
-            work = get('kxk.work', (o, kk, in_g), like)
+                              out=get('first', self.identity_1x1_kxk.shape, like))
+            work = get('s1', (o, kk, in_g), like)
             torch.bmm(second.view(g, o_g * kk, t_g), first.view(g, t_g, in_g), out=work.view(g, o_g * kk, in_g))
             # avg, prior, centred 1x1: (o, kk, 3) @ (o, 3, in_g), accumulated in place
             patterns = self.spatial_patterns * v[[1, 2, 4]].t()[:, :, None]  # (o, 3, kk)
             factors = torch.stack([self.weight_avg, self.weight_prior, self.weight_1x1], dim=1,
-                                  out=get('kxk.factors', (o, 3, in_g), like))
+                                  out=get('factors', (o, 3, in_g), like))
             work.baddbmm_(patterns.transpose(1, 2), factors)
             # origin, while moving to the conv layout (o, in_g, kk)
             kernel = get('kernel', (o, in_g, kk), like) if scratch else like.new_empty(o, in_g, kk)
@@ -341,8 +345,8 @@ class OREPAKxKBranches(KernelGenerator):
                           out=kernel)
             # depthwise-separable: a product per input channel of (v5 * pw) (o_g, e) and dw (e, kk)
             pw = torch.mul(self.weight_pw.view(g, o_g, in_g, e).transpose(1, 2), v[5].view(g, 1, o_g, 1),
-                           out=get('kxk.pw', (g, in_g, o_g, e), like))
-            separable = get('kxk.separable', (g, in_g, o_g, kk), like)
+                           out=get('s0', (g, in_g, o_g, e), like))  # s0 is free again
+            separable = get('s1', (g, in_g, o_g, kk), like)  # so is s1
             torch.bmm(pw.view(g * in_g, o_g, e), self.weight_dw.view(g * in_g, e, kk),
                       out=separable.view(g * in_g, o_g, kk))
             kernel.view(g, o_g, in_g, kk).add_(separable.transpose(1, 2))
@@ -355,25 +359,25 @@ class OREPAKxKBranches(KernelGenerator):
         with torch.no_grad():
             grad_kernel = grad_kernel.contiguous()
             grad = grad_kernel.view(o, in_g, kk)
-            grad_work = get('kxk.grad_work', (o, kk, in_g), like)
+            grad_work = get('s0', (o, kk, in_g), like)
             grad_work.copy_(grad.transpose(1, 2))
             grad_scales = torch.empty_like(v)
             grads = {'weight_origin': grad_kernel * v[0, :, None, None, None]}
             grad_scales[0] = _rowwise_dot(grad, self.weight_origin.view(o, in_g, kk))
             # avg, prior, centred 1x1
             factors = torch.stack([self.weight_avg, self.weight_prior, self.weight_1x1], dim=1,
-                                  out=get('kxk.factors', (o, 3, in_g), like))
+                                  out=get('factors', (o, 3, in_g), like))
             grad_factors = torch.bmm(self.spatial_patterns, grad_work)  # (o, 3, in_g), before scaling
             grad_scales[[1, 2, 4]] = torch.mul(grad_factors, factors, out=factors).sum(2).t()
             grad_factors.mul_(v[[1, 2, 4]].t()[:, :, None])
             for b, name in enumerate(('weight_avg', 'weight_prior', 'weight_1x1')):
                 grads[name] = grad_factors[:, b].contiguous()
             # 1x1-kxk, in the work layout: d/d(v3 * C) = G_work @ (A + I)^T, d/dA = (v3 * C)^T @ G_work
-            second = get('kxk.second', (o, kk, t_g), like)
+            second = get('s1', (o, kk, t_g), like)
             second.copy_(self.weight_1x1_kxk_second.view(o, t_g, kk).transpose(1, 2))
             first = torch.add(self.weight_1x1_kxk_first, self.identity_1x1_kxk,
-                              out=get('kxk.first', self.identity_1x1_kxk.shape, like))
-            grad_second = get('kxk.grad_second', (o, kk, t_g), like)
+                              out=get('first', self.identity_1x1_kxk.shape, like))
+            grad_second = get('s2', (o, kk, t_g), like)
             torch.bmm(grad_work.view(g, o_g * kk, in_g), first.view(g, t_g, in_g).transpose(1, 2),
                       out=grad_second.view(g, o_g * kk, t_g))
             grad_scales[3] = _rowwise_dot(grad_second, second)
@@ -383,17 +387,17 @@ class OREPAKxKBranches(KernelGenerator):
             grads['weight_1x1_kxk_first'] = torch.bmm(second.view(g, o_g * kk, t_g).transpose(1, 2),
                                                       grad_work.view(g, o_g * kk, in_g)).view(-1, in_g)
             # depthwise-separable, batched over input channels: (o_g, kk) x (kk, e) and (e, o_g) x (o_g, kk)
-            grad_io = get('kxk.grad_io', (g, in_g, o_g, kk), like)
+            grad_io = get('s1', (g, in_g, o_g, kk), like)  # s1, s2 are free again
             grad_io.copy_(grad.view(g, o_g, in_g, kk).transpose(1, 2))
             dw = self.weight_dw.view(g * in_g, e, kk)
             grad_pw_io = torch.bmm(grad_io.view(g * in_g, o_g, kk), dw.transpose(1, 2),
-                                   out=get('kxk.grad_pw', (g * in_g, o_g, e), like))
+                                   out=get('s2', (g * in_g, o_g, e), like))
             grad_pw = like.new_empty(o, in_g * e)  # (a reshape could alias the scratch buffer)
             grad_pw.view(g, o_g, in_g, e).copy_(grad_pw_io.view(g, in_g, o_g, e).transpose(1, 2))
             grad_scales[5] = _rowwise_dot(grad_pw, self.weight_pw)
             grads['weight_pw'] = grad_pw.mul_(v[5, :, None])
             pw = torch.mul(self.weight_pw.view(g, o_g, in_g, e).transpose(1, 2), v[5].view(g, 1, o_g, 1),
-                           out=get('kxk.pw', (g, in_g, o_g, e), like))
+                           out=get('s0', (g, in_g, o_g, e), like))  # and s0
             grads['weight_dw'] = torch.bmm(pw.view(g * in_g, o_g, e).transpose(1, 2),
                                            grad_io.view(g * in_g, o_g, kk)).view_as(self.weight_dw)
             grads['branch_scales'] = grad_scales
