@@ -6,8 +6,8 @@ of the feature map), then convolved with the input.  The block carries no BN:
 in an mmdet/mmseg ResNet the model's own BN after the conv is OREPA's "one BN
 after the sum", so a fused model is a vanilla model.
 
-Kernel generators (``nn.Module`` s whose ``forward()`` takes no input and
-returns a kernel) hold the branch parameters:
+Kernel generators (:class:`KernelGenerator`: ``nn.Module`` s whose
+``forward()`` takes no input and returns a kernel) hold the branch parameters:
 
 * :class:`OREPA1x1Branches` for ``k = 1``;
 * :class:`OREPAKxKBranches`, the six-branch block, for odd ``3 <= k < large``;
@@ -28,7 +28,7 @@ from torch import Tensor
 from .. import kernels as K
 from .base import IntOrPair, ReparamConv2d
 
-__all__ = ['OREPAConv2d', 'OREPA1x1Branches', 'OREPAKxKBranches', 'OREPAStackedBranches']
+__all__ = ['OREPAConv2d', 'KernelGenerator', 'OREPA1x1Branches', 'OREPAKxKBranches', 'OREPAStackedBranches']
 
 
 class _Scratch(threading.local):
@@ -79,6 +79,7 @@ def _kaiming_(t: Tensor) -> Tensor:
     view = t.view(shape[0], -1, 1, 1) if t.dim() == 2 else t
     nn.init.kaiming_uniform_(view, a=0.0)
     return t
+
 
 class _GeneratedKernel(torch.autograd.Function):
     """Autograd node of a kernel generator: ``generate()`` forward, the
