@@ -648,6 +648,21 @@ def test_bf16_autocast_training(k: int) -> None:
 
 
 @pytest.mark.parametrize('k', (1, 3, 7))
+def test_kernel_is_generated_in_full_precision_under_autocast(k: int) -> None:
+    """Like nn.Conv2d's weight, the generated kernel (``weight``, the eval
+    cache) is float32 under autocast; only the conv runs in bf16."""
+    layer = randomize_(OREPAConv2d(8, 8, k, 1, k // 2, groups=2))
+    with torch.no_grad():
+        ref = layer.weight
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert torch.equal(layer.weight, ref)
+        with torch.no_grad():
+            assert torch.equal(layer.eval().weight, ref)
+            assert layer(torch.randn(2, 8, 9, 9)).dtype == torch.bfloat16
+            assert torch.equal(layer._cache[1], ref)
+
+
+@pytest.mark.parametrize('k', (1, 3, 7))
 @pytest.mark.parametrize('cls', LAYER_CLASSES, ids=lambda c: c.__name__)
 def test_copy_pickle_and_state_dict_round_trip(cls: type, k: int) -> None:
     layer = randomize_(cls(4, 6, k, 1, k // 2, groups=2))

@@ -142,9 +142,12 @@ class KernelGenerator(nn.Module):
 
     def forward(self) -> Tensor:
         params = tuple(self.parameters())
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return _GeneratedKernel.apply(self, *params)
-        return self.generate()
+        # The kernel is a weight: generated in the parameters' dtype, like
+        # nn.Conv2d's, whatever autocast then does to the conv.
+        with torch.autocast(params[0].device.type, enabled=False):
+            if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+                return _GeneratedKernel.apply(self, *params)
+            return self.generate()
 
 
 class OREPA1x1Branches(KernelGenerator):
