@@ -6,7 +6,9 @@
 For every model (``resnet18``, ``resnet50``: mmdet ``ResNet``/``DBBResNet``/
 ``OREPAResNet`` backbones; ``faster-rcnn``: the Faster R-CNN R50-FPN configs
 of ``configs/mmdet``; ``pspnet``: the PSPNet R50-D8 configs of
-``configs/mmseg``) and every variant it measures:
+``configs/mmseg``; ``tv-faster-rcnn``: torchvision's Faster R-CNN R50-FPN with
+the backbone convs swapped, for machines where mmcv's compiled ops cannot be
+built) and every variant it measures:
 
 * training step time: forward, backward, SGD-with-momentum step (median over
   rounds; the variants alternate inside each round, so that the drift of a
@@ -78,7 +80,7 @@ VARIANTS = ('plain', 'dbb', 'orepa', 'dbb-kxk')
 DEFAULT_VARIANTS = ('plain', 'dbb', 'orepa')
 #: conv_cfg type of the 'dbb-kxk' variant (registered by :func:`register_dbb_kxk`).
 DBB_KXK = 'BenchmarkDBBkxk'
-MODELS = ('resnet18', 'resnet50', 'faster-rcnn', 'pspnet')
+MODELS = ('resnet18', 'resnet50', 'faster-rcnn', 'pspnet', 'tv-faster-rcnn')
 RESNET_TYPES = {'plain': 'ResNet', 'dbb': 'DBBResNet', 'orepa': 'OREPAResNet', 'dbb-kxk': 'ResNet'}
 DET_CONFIG = 'configs/mmdet/faster-rcnn_r50-{variant}_fpn_1x_coco.py'
 SEG_CONFIG = 'configs/mmseg/pspnet_r50-d8-{variant}_4xb2-80k_cityscapes-512x1024.py'
@@ -413,6 +415,74 @@ def register_dbb_kxk() -> None:
         ROOT_MODELS.register_module(name=DBB_KXK, module=dbb_kxk_conv)
 
 
+def swap_convs(module: nn.Module, variant: str) -> int:
+    """Replace the ``nn.Conv2d`` s under ``module`` by the variant's layers
+    (OREPA / DBB every conv, dbb-kxk the 3x3 ones), keeping each conv's
+    arguments and ``requires_grad``; return how many were replaced."""
+    from orepa_mm import DBBConv2d, OREPAConv2d
+    count = 0
+    for name, child in module.named_children():
+        if type(child) is nn.Conv2d and variant != 'plain':
+            k = child.kernel_size[0]
+            cls = {'orepa': OREPAConv2d, 'dbb': DBBConv2d}.get(variant, DBBConv2d if 1 < k < 7 else None)
+            if cls is not None:
+                layer = cls(child.in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
+                            child.dilation, child.groups, child.bias is not None)
+                layer.requires_grad_(child.weight.requires_grad)
+                setattr(module, name, layer)
+                count += 1
+        else:
+            count += swap_convs(child, variant)
+    return count
+
+
+class TorchvisionFasterRCNNWorkload(Workload):
+    """torchvision's Faster R-CNN R50-FPN (``fasterrcnn_resnet50_fpn``, random
+    weights, 91 classes, its own resize to 800-1333), every backbone conv
+    swapped for the variant's layer (:func:`swap_convs`).  Needs only torch,
+    torchvision and mmengine, not mmcv's compiled ops: it is the detector
+    this tool can run on a machine where mmcv cannot be built.  Batch norms
+    train (torchvision's choice without pretrained weights); 3 random gt
+    boxes per image."""
+
+    name = 'tv-faster-rcnn'
+    backbone_prefix = 'backbone.body.'
+    num_boxes = 3
+
+    def _make_samples(self, gen: torch.Generator) -> None:
+        h, w = self.input_size
+        self.images = list(self.inputs.unbind(0))
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+        self.targets = []
+        for _ in range(self.batch_size):
+            xy = torch.rand(self.num_boxes, 2, generator=gen) * 0.7
+            wh = 0.1 + torch.rand(self.num_boxes, 2, generator=gen) * 0.2
+            self.targets.append(dict(boxes=(torch.cat([xy, xy + wh], dim=1) * scale).to(self.device),
+                                     labels=torch.randint(1, 91, (self.num_boxes, ), generator=gen).to(self.device)))
+
+    def build(self, variant: str) -> nn.Module:
+        from torchvision.models.detection import fasterrcnn_resnet50_fpn
+        model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+        self.swapped = swap_convs(model.backbone.body, variant)
+        return model
+
+    def loss(self, model: nn.Module) -> Tensor:
+        return sum(model(self.images, self.targets).values())
+
+    def predict(self, model: nn.Module) -> Any:
+        return model(self.images)
+
+    def features(self, model: nn.Module) -> Any:
+        images, _ = model.transform(self.images)
+        return model.backbone(images.tensors)
+
+    def stats(self, model: nn.Module, outputs: Any = None) -> Dict[str, int]:
+        return {} if outputs is None else dict(detections=sum(len(o['boxes']) for o in outputs))
+
+    def describe(self, variant: str) -> str:
+        return f'torchvision fasterrcnn_resnet50_fpn, {variant} backbone convs'
+
+
 def make_workload(name: str, batch_size: int, input_size: Tuple[int, int], device: torch.device,
                   seed: int) -> Workload:
     """The :class:`Workload` called ``name`` (one of :data:`MODELS`)."""
@@ -423,6 +493,8 @@ def make_workload(name: str, batch_size: int, input_size: Tuple[int, int], devic
         return FasterRCNNWorkload(*args)
     if name == 'pspnet':
         return PSPNetWorkload(*args)
+    if name == 'tv-faster-rcnn':
+        return TorchvisionFasterRCNNWorkload(*args)
     raise ValueError(f'unknown model {name!r}; choose from {MODELS}')
 
 
