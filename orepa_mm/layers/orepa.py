@@ -138,7 +138,14 @@ class KernelGenerator(nn.Module):
         if not any(needed):
             return [None] * len(needed)
         grads = self.kernel_backward(grad_kernel.to(self.branch_scales.dtype))
-        return [grads[name] if need else None for (name, _), need in zip(self.named_parameters(), needed)]
+        return [grads[name] if need else None for name, need in zip(self._parameter_names(), needed)]
+
+    def _parameter_names(self) -> List[str]:
+        # Cached: named_parameters() walks the module tree, per layer and step.
+        names = self.__dict__.get('_names')
+        if names is None:
+            names = self.__dict__['_names'] = [n for n, _ in self.named_parameters()]
+        return names
 
     def forward(self) -> Tensor:
         params = tuple(self.parameters())
@@ -326,6 +333,13 @@ class OREPAKxKBranches(KernelGenerator):
         g, o, kk = self.groups, self.out_channels, self.kernel_size ** 2
         return g, o, o // g, self.in_channels // g, self.internal // g, kk
 
+    @staticmethod
+    def _pattern_scales(v: Tensor) -> Tensor:
+        """Scales of the avg, prior and centred-1x1 branches as ``(out, 3)``.
+        (Stacked rows, not ``v[[1, 2, 4]]``: list indexing copies the index
+        from the host and synchronises a GPU.)"""
+        return torch.stack((v[1], v[2], v[4]), dim=1)
+
     def generate(self, scratch: bool = False) -> Tensor:
         g, o, o_g, in_g, t_g, kk = self._sizes()
         e, k, v = self.EXPAND, self.kernel_size, self.branch_scales
@@ -339,7 +353,7 @@ class OREPAKxKBranches(KernelGenerator):
             work = get('s1', (o, kk, in_g), like)
             torch.bmm(second.view(g, o_g * kk, t_g), first.view(g, t_g, in_g), out=work.view(g, o_g * kk, in_g))
             # avg, prior, centred 1x1: (o, kk, 3) @ (o, 3, in_g), accumulated in place
-            patterns = self.spatial_patterns * v[[1, 2, 4]].t()[:, :, None]  # (o, 3, kk)
+            patterns = self.spatial_patterns * self._pattern_scales(v)[:, :, None]  # (o, 3, kk)
             factors = torch.stack([self.weight_avg, self.weight_prior, self.weight_1x1], dim=1,
                                   out=get('factors', (o, 3, in_g), like))
             work.baddbmm_(patterns.transpose(1, 2), factors)
@@ -365,15 +379,16 @@ class OREPAKxKBranches(KernelGenerator):
             grad = grad_kernel.view(o, in_g, kk)
             grad_work = get('s0', (o, kk, in_g), like)
             grad_work.copy_(grad.transpose(1, 2))
-            grad_scales = torch.empty_like(v)
+            grad_scales: List[Tensor] = [v[0]] * 6  # rows filled below, stacked at the end
             grads = {'weight_origin': grad_kernel * v[0, :, None, None, None]}
             grad_scales[0] = _rowwise_dot(grad, self.weight_origin.view(o, in_g, kk))
             # avg, prior, centred 1x1
             factors = torch.stack([self.weight_avg, self.weight_prior, self.weight_1x1], dim=1,
                                   out=get('factors', (o, 3, in_g), like))
             grad_factors = torch.bmm(self.spatial_patterns, grad_work)  # (o, 3, in_g), before scaling
-            grad_scales[[1, 2, 4]] = torch.mul(grad_factors, factors, out=factors).sum(2).t()
-            grad_factors.mul_(v[[1, 2, 4]].t()[:, :, None])
+            pattern_grads = torch.mul(grad_factors, factors, out=factors).sum(2)  # (o, 3)
+            grad_scales[1], grad_scales[2], grad_scales[4] = pattern_grads.unbind(1)
+            grad_factors.mul_(self._pattern_scales(v)[:, :, None])
             for b, name in enumerate(('weight_avg', 'weight_prior', 'weight_1x1')):
                 grads[name] = grad_factors[:, b].contiguous()
             # 1x1-kxk, in the work layout: d/d(v3 * C) = G_work @ (A + I)^T, d/dA = (v3 * C)^T @ G_work
@@ -404,7 +419,7 @@ class OREPAKxKBranches(KernelGenerator):
                            out=get('s0', (g, in_g, o_g, e), like))  # and s0
             grads['weight_dw'] = torch.bmm(pw.view(g * in_g, o_g, e).transpose(1, 2),
                                            grad_io.view(g * in_g, o_g, kk)).view_as(self.weight_dw)
-            grads['branch_scales'] = grad_scales
+            grads['branch_scales'] = torch.stack(grad_scales)
             return grads
 
     def plain_state(self, weight: Tensor) -> Dict[str, Tensor]:
