@@ -321,6 +321,14 @@ class _ConfigWorkload(Workload):
                f'frozen_stages={backbone.get("frozen_stages")}, norm_eval={backbone.get("norm_eval")})'
 
 
+def random_boxes(num: int, input_size: Tuple[int, int], gen: torch.Generator) -> Tensor:
+    """``num`` random ``(x1, y1, x2, y2)`` boxes, 10-30% of the image per side."""
+    h, w = input_size
+    xy = torch.rand(num, 2, generator=gen) * 0.7
+    wh = 0.1 + torch.rand(num, 2, generator=gen) * 0.2
+    return torch.cat([xy, xy + wh], dim=1) * torch.tensor([w, h, w, h], dtype=torch.float32)
+
+
 def _record_rois(module: nn.Module, inputs: tuple, output: Tensor) -> None:
     """Forward hook of the RoI extractor: remember how many RoIs it pooled."""
     module.last_num_rois = int(inputs[1].shape[0])
@@ -334,12 +342,6 @@ class FasterRCNNWorkload(_ConfigWorkload):
     config_template = DET_CONFIG
     num_boxes = 3
 
-    def _boxes(self, gen: torch.Generator) -> Tensor:
-        h, w = self.input_size
-        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
-        xy = torch.rand(self.num_boxes, 2, generator=gen) * 0.7
-        wh = 0.1 + torch.rand(self.num_boxes, 2, generator=gen) * 0.2
-        return torch.cat([xy, xy + wh], dim=1) * scale
 
     def build(self, variant: str) -> nn.Module:
         model = super().build(variant)
@@ -359,7 +361,7 @@ class FasterRCNNWorkload(_ConfigWorkload):
         for _ in range(self.batch_size):
             sample = DetDataSample(metainfo=self._metainfo())
             sample.gt_instances = InstanceData(
-                bboxes=self._boxes(gen).to(self.device),
+                bboxes=random_boxes(self.num_boxes, self.input_size, gen).to(self.device),
                 labels=torch.randint(0, 80, (self.num_boxes, ), generator=gen).to(self.device))
             self.train_samples.append(sample)
 
@@ -417,22 +419,24 @@ def register_dbb_kxk() -> None:
 
 def swap_convs(module: nn.Module, variant: str) -> int:
     """Replace the ``nn.Conv2d`` s under ``module`` by the variant's layers
-    (OREPA / DBB every conv, dbb-kxk the 3x3 ones), keeping each conv's
-    arguments and ``requires_grad``; return how many were replaced."""
+    (OREPA / DBB every conv, dbb-kxk as :func:`dbb_kxk_conv` decides),
+    keeping each conv's arguments and ``requires_grad``; return how many
+    were replaced."""
     from orepa_mm import DBBConv2d, OREPAConv2d
+    if variant == 'plain':
+        return 0
+    build = {'orepa': OREPAConv2d, 'dbb': DBBConv2d, 'dbb-kxk': dbb_kxk_conv}[variant]
     count = 0
     for name, child in module.named_children():
-        if type(child) is nn.Conv2d and variant != 'plain':
-            k = child.kernel_size[0]
-            cls = {'orepa': OREPAConv2d, 'dbb': DBBConv2d}.get(variant, DBBConv2d if 1 < k < 7 else None)
-            if cls is not None:
-                layer = cls(child.in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
-                            child.dilation, child.groups, child.bias is not None)
-                layer.requires_grad_(child.weight.requires_grad)
-                setattr(module, name, layer)
-                count += 1
-        else:
+        if type(child) is not nn.Conv2d:
             count += swap_convs(child, variant)
+            continue
+        layer = build(child.in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
+                      child.dilation, child.groups, child.bias is not None)
+        if type(layer) is not nn.Conv2d:
+            layer.requires_grad_(child.weight.requires_grad)
+            setattr(module, name, layer)
+            count += 1
     return count
 
 
@@ -450,15 +454,10 @@ class TorchvisionFasterRCNNWorkload(Workload):
     num_boxes = 3
 
     def _make_samples(self, gen: torch.Generator) -> None:
-        h, w = self.input_size
         self.images = list(self.inputs.unbind(0))
-        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
-        self.targets = []
-        for _ in range(self.batch_size):
-            xy = torch.rand(self.num_boxes, 2, generator=gen) * 0.7
-            wh = 0.1 + torch.rand(self.num_boxes, 2, generator=gen) * 0.2
-            self.targets.append(dict(boxes=(torch.cat([xy, xy + wh], dim=1) * scale).to(self.device),
-                                     labels=torch.randint(1, 91, (self.num_boxes, ), generator=gen).to(self.device)))
+        self.targets = [dict(boxes=random_boxes(self.num_boxes, self.input_size, gen).to(self.device),
+                             labels=torch.randint(1, 91, (self.num_boxes, ), generator=gen).to(self.device))
+                        for _ in range(self.batch_size)]
 
     def build(self, variant: str) -> nn.Module:
         from torchvision.models.detection import fasterrcnn_resnet50_fpn

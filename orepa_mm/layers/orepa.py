@@ -138,14 +138,7 @@ class KernelGenerator(nn.Module):
         if not any(needed):
             return [None] * len(needed)
         grads = self.kernel_backward(grad_kernel.to(self.branch_scales.dtype))
-        return [grads[name] if need else None for name, need in zip(self._parameter_names(), needed)]
-
-    def _parameter_names(self) -> List[str]:
-        # Cached: named_parameters() walks the module tree, per layer and step.
-        names = self.__dict__.get('_names')
-        if names is None:
-            names = self.__dict__['_names'] = [n for n, _ in self.named_parameters()]
-        return names
+        return [grads[name] if need else None for (name, _), need in zip(self.named_parameters(), needed)]
 
     def forward(self) -> Tensor:
         params = tuple(self.parameters())
@@ -340,6 +333,24 @@ class OREPAKxKBranches(KernelGenerator):
         from the host and synchronises a GPU.)"""
         return torch.stack((v[1], v[2], v[4]), dim=1)
 
+    def _factors(self) -> Tensor:
+        """The avg, prior and centred-1x1 factors stacked as ``(out, 3, in_g)`` (scratch)."""
+        f = self.weight_avg
+        return torch.stack([f, self.weight_prior, self.weight_1x1], dim=1,
+                           out=_scratch.get('factors', (f.shape[0], 3, f.shape[1]), f))
+
+    def _first(self) -> Tensor:
+        """The 1x1-kxk branch's first factor, identity included (scratch)."""
+        eye = self.identity_1x1_kxk
+        return torch.add(self.weight_1x1_kxk_first, eye, out=_scratch.get('first', eye.shape, eye))
+
+    def _scaled_pw(self) -> Tensor:
+        """``v5 * pw`` as ``(groups, in_g, out_g, expand)``: one matrix per input channel (scratch ``s0``)."""
+        g, _, o_g, in_g, _, _ = self._sizes()
+        v5 = self.branch_scales[5]
+        return torch.mul(self.weight_pw.view(g, o_g, in_g, self.EXPAND).transpose(1, 2), v5.view(g, 1, o_g, 1),
+                         out=_scratch.get('s0', (g, in_g, o_g, self.EXPAND), v5))
+
     def generate(self, scratch: bool = False) -> Tensor:
         g, o, o_g, in_g, t_g, kk = self._sizes()
         e, k, v = self.EXPAND, self.kernel_size, self.branch_scales
@@ -348,22 +359,19 @@ class OREPAKxKBranches(KernelGenerator):
             # 1x1-kxk: (v3 * C) in the work layout (o, kk, t_g), times (A + I)
             second = torch.mul(self.weight_1x1_kxk_second.view(o, t_g, kk).transpose(1, 2), v[3, :, None, None],
                                out=get('s0', (o, kk, t_g), like))
-            first = torch.add(self.weight_1x1_kxk_first, self.identity_1x1_kxk,
-                              out=get('first', self.identity_1x1_kxk.shape, like))
+            first = self._first()
             work = get('s1', (o, kk, in_g), like)
             torch.bmm(second.view(g, o_g * kk, t_g), first.view(g, t_g, in_g), out=work.view(g, o_g * kk, in_g))
             # avg, prior, centred 1x1: (o, kk, 3) @ (o, 3, in_g), accumulated in place
             patterns = self.spatial_patterns * self._pattern_scales(v)[:, :, None]  # (o, 3, kk)
-            factors = torch.stack([self.weight_avg, self.weight_prior, self.weight_1x1], dim=1,
-                                  out=get('factors', (o, 3, in_g), like))
+            factors = self._factors()
             work.baddbmm_(patterns.transpose(1, 2), factors)
             # origin, while moving to the conv layout (o, in_g, kk)
             kernel = get('kernel', (o, in_g, kk), like) if scratch else like.new_empty(o, in_g, kk)
             torch.addcmul(work.transpose(1, 2), self.weight_origin.view(o, in_g, kk), v[0, :, None, None],
                           out=kernel)
             # depthwise-separable: a product per input channel of (v5 * pw) (o_g, e) and dw (e, kk)
-            pw = torch.mul(self.weight_pw.view(g, o_g, in_g, e).transpose(1, 2), v[5].view(g, 1, o_g, 1),
-                           out=get('s0', (g, in_g, o_g, e), like))  # s0 is free again
+            pw = self._scaled_pw()  # s0 is free again
             separable = get('s1', (g, in_g, o_g, kk), like)  # so is s1
             torch.bmm(pw.view(g * in_g, o_g, e), self.weight_dw.view(g * in_g, e, kk),
                       out=separable.view(g * in_g, o_g, kk))
@@ -383,8 +391,7 @@ class OREPAKxKBranches(KernelGenerator):
             grads = {'weight_origin': grad_kernel * v[0, :, None, None, None]}
             grad_scales[0] = _rowwise_dot(grad, self.weight_origin.view(o, in_g, kk))
             # avg, prior, centred 1x1
-            factors = torch.stack([self.weight_avg, self.weight_prior, self.weight_1x1], dim=1,
-                                  out=get('factors', (o, 3, in_g), like))
+            factors = self._factors()
             grad_factors = torch.bmm(self.spatial_patterns, grad_work)  # (o, 3, in_g), before scaling
             pattern_grads = torch.mul(grad_factors, factors, out=factors).sum(2)  # (o, 3)
             grad_scales[1], grad_scales[2], grad_scales[4] = pattern_grads.unbind(1)
@@ -394,8 +401,7 @@ class OREPAKxKBranches(KernelGenerator):
             # 1x1-kxk, in the work layout: d/d(v3 * C) = G_work @ (A + I)^T, d/dA = (v3 * C)^T @ G_work
             second = get('s1', (o, kk, t_g), like)
             second.copy_(self.weight_1x1_kxk_second.view(o, t_g, kk).transpose(1, 2))
-            first = torch.add(self.weight_1x1_kxk_first, self.identity_1x1_kxk,
-                              out=get('first', self.identity_1x1_kxk.shape, like))
+            first = self._first()
             grad_second = get('s2', (o, kk, t_g), like)
             torch.bmm(grad_work.view(g, o_g * kk, in_g), first.view(g, t_g, in_g).transpose(1, 2),
                       out=grad_second.view(g, o_g * kk, t_g))
@@ -415,8 +421,7 @@ class OREPAKxKBranches(KernelGenerator):
             grad_pw.view(g, o_g, in_g, e).copy_(grad_pw_io.view(g, in_g, o_g, e).transpose(1, 2))
             grad_scales[5] = _rowwise_dot(grad_pw, self.weight_pw)
             grads['weight_pw'] = grad_pw.mul_(v[5, :, None])
-            pw = torch.mul(self.weight_pw.view(g, o_g, in_g, e).transpose(1, 2), v[5].view(g, 1, o_g, 1),
-                           out=get('s0', (g, in_g, o_g, e), like))  # and s0
+            pw = self._scaled_pw()  # and s0
             grads['weight_dw'] = torch.bmm(pw.view(g * in_g, o_g, e).transpose(1, 2),
                                            grad_io.view(g * in_g, o_g, kk)).view_as(self.weight_dw)
             grads['branch_scales'] = torch.stack(grad_scales)
@@ -500,6 +505,8 @@ class _OnlineKernelConv(torch.autograd.Function):
                 kernel = kernel.to(x.dtype)
             out = F.conv2d(x, kernel, None, layer.stride, padding, layer.dilation, layer.groups)
         ctx.layer, ctx.padding = layer, padding
+        # backward regenerates the kernel from the layer's parameters; saving them
+        # makes autograd refuse a backward after they were changed in place.
         ctx.save_for_backward(x, *params)
         return out
 
