@@ -61,7 +61,6 @@ def test_counter_ignores_no_grad() -> None:
 
 
 def test_dbb_kxk_variant_converts_only_kxk_convs() -> None:
-    pytest.importorskip('mmengine')
     from orepa_mm import DBBConv2d
     assert isinstance(bm.dbb_kxk_conv(4, 8, 3, padding=1, bias=False), DBBConv2d)
     for k in (1, 7):
@@ -69,8 +68,32 @@ def test_dbb_kxk_variant_converts_only_kxk_convs() -> None:
         assert type(conv) is nn.Conv2d and conv.stride == (2, 2) and conv.bias is None
 
 
+def test_swap_convs_replaces_each_variants_convs() -> None:
+    """The tv-faster-rcnn workload's conv swap: every conv for OREPA/DBB, the
+    3x3 ones for dbb-kxk, nothing for plain; arguments and frozen flags kept."""
+    from orepa_mm import DBBConv2d, OREPAConv2d
+
+    def body() -> nn.Sequential:
+        frozen = nn.Conv2d(3, 8, 7, 2, 3, bias=False).requires_grad_(False)
+        return nn.Sequential(frozen, nn.Sequential(nn.Conv2d(8, 8, 3, 1, 2, 2), nn.ReLU(), nn.Conv2d(8, 16, 1)))
+
+    expected = {'plain': (nn.Conv2d, nn.Conv2d, nn.Conv2d), 'orepa': (OREPAConv2d,) * 3,
+                'dbb': (DBBConv2d,) * 3, 'dbb-kxk': (nn.Conv2d, DBBConv2d, nn.Conv2d)}
+    for variant, types in expected.items():
+        model = body()
+        before = [(m.kernel_size, m.stride, m.padding, m.dilation, m.in_channels, m.out_channels)
+                  for m in (model[0], model[1][0], model[1][2])]
+        count = bm.swap_convs(model, variant)
+        convs = (model[0], model[1][0], model[1][2])
+        assert tuple(type(m) for m in convs) == types, variant
+        assert count == sum(t is not nn.Conv2d for t in types), variant
+        assert [(m.kernel_size, m.stride, m.padding, m.dilation, m.in_channels, m.out_channels)
+                for m in convs] == before, variant
+        assert not any(p.requires_grad for p in model[0].parameters()), variant
+        assert all(p.requires_grad for p in model[1].parameters()), variant
+
+
 def test_cli_smoke(tmp_path: Path) -> None:
-    pytest.importorskip('mmdet')
     cmd = [sys.executable, str(SCRIPT), '--models', 'resnet18', '--variants', 'plain', 'orepa', 'dbb',
            '--batch-size', '1', '--input-size', '64', '64', '--rounds', '1', '--warmup', '1', '--device', 'cpu',
            '--threads', '1', '--out-dir', str(tmp_path)]  # one thread: robust to other work on a shared CPU
@@ -111,6 +134,5 @@ def test_cli_smoke(tmp_path: Path) -> None:
 
     md = stem.with_suffix('.md').read_text()
     assert '| resnet18 | orepa |' in md and '(1.00x)' in md and 'GFLOP per training step' in md
-    pytest.importorskip('matplotlib')
     png = stem.with_suffix('.png').read_bytes()
     assert png[:8] == b'\x89PNG\r\n\x1a\n'

@@ -19,12 +19,10 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 import torch
 import torch.nn.functional as F
+from mmdet.models.backbones import ResNet
 from torch import Tensor
 
-pytest.importorskip('mmdet')
-from mmdet.models.backbones import ResNet  # noqa: E402
-
-import orepa_mm  # noqa: E402  (registers conv_cfg type 'OREPA')
+import orepa_mm  # noqa: F401  (registers conv_cfg type 'OREPA')
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'tools' / 'convert_reference_checkpoint.py'

@@ -95,7 +95,6 @@ def test_backbone_only_matches_vanilla_backbone_layout(training_ckpt, tmp_path):
 
 
 def test_onnx_export_matches_onnxruntime(training_ckpt, tmp_path):
-    pytest.importorskip('onnxruntime')
     summary = fuse_tool.fuse_checkpoint(str(DET_CFG), str(training_ckpt), str(tmp_path / 'onnx'), onnx=True)
     assert set(summary['onnx_max_rel_diff']) == {'backbone', 'backbone_neck'}
     assert max(summary['onnx_max_rel_diff'].values()) < 1e-4
