@@ -90,7 +90,7 @@ def test_distributed_two_process_gloo(toy_root):
 def test_toy_plain_and_orepa_detectors_same_iterations(det_run, toy_root):
     """Both mAPs are reported, which is higher is not asserted."""
     from conftest import REPORT
-    plain_cfg = ROOT / 'configs/toy/faster-rcnn_r18_fpn_toy-coco_plain.py'
+    plain_cfg = ROOT / 'configs/toy/faster-rcnn_r18w16-plain_fpn_300i_toy-coco.py'
     work = toy_root / 'work_det_plain'
     out = run([bin_path('mim'), 'train', 'mmdet', str(plain_cfg), '--work-dir', str(work)]
               + _iters(DET_ITERS, DET_ITERS), cwd=toy_root)

@@ -14,9 +14,9 @@ from conftest import ROOT, load_tool
 
 fuse_tool = load_tool('fuse_checkpoint')
 
-DET_CFG = ROOT / 'configs/toy/faster-rcnn_r18_fpn_toy-coco_orepa.py'
-DBB_CFG = ROOT / 'configs/toy/faster-rcnn_r18_fpn_toy-coco_dbb.py'
-SEG_CFG = ROOT / 'configs/toy/pspnet_r18-d8_toy-cityscapes_orepa.py'
+DET_CFG = ROOT / 'configs/toy/faster-rcnn_r18w16-orepa_fpn_300i_toy-coco.py'
+DBB_CFG = ROOT / 'configs/toy/faster-rcnn_r18w16-dbb_fpn_300i_toy-coco.py'
+SEG_CFG = ROOT / 'configs/toy/pspnet_r18w16-d8-orepa_1xb4-200i_toy-cityscapes-128x256.py'
 
 
 def _randomise(model: torch.nn.Module) -> None:
@@ -139,7 +139,7 @@ def test_error_existing_outputs_need_force(training_ckpt, tmp_path, capsys):
 
 
 def test_error_plain_config(training_ckpt, tmp_path, capsys):
-    plain = ROOT / 'configs/toy/faster-rcnn_r18_fpn_toy-coco_plain.py'
+    plain = ROOT / 'configs/toy/faster-rcnn_r18w16-plain_fpn_300i_toy-coco.py'
     _fail(capsys, [plain, training_ckpt, tmp_path / 'o'], 'nothing to fuse', tmp_path / 'o')
 
 

@@ -27,8 +27,8 @@ ROOT = osp.dirname(HERE)
 sys.path.insert(0, HERE)
 
 JOBS = {
-    'detector': ('configs/toy/faster-rcnn_r18_fpn_toy-coco_orepa.py', 'coco/bbox_mAP'),
-    'segmentor': ('configs/toy/pspnet_r18-d8_toy-cityscapes_orepa.py', 'mIoU'),
+    'detector': ('configs/toy/faster-rcnn_r18w16-orepa_fpn_300i_toy-coco.py', 'coco/bbox_mAP'),
+    'segmentor': ('configs/toy/pspnet_r18w16-d8-orepa_1xb4-200i_toy-cityscapes-128x256.py', 'mIoU'),
 }
 
 

@@ -1,6 +1,6 @@
 """Train an mmdet or mmseg config with mmengine's Runner (for users without mim).
 
-    python tools/train.py configs/toy/faster-rcnn_r18_fpn_toy-coco_orepa.py
+    python tools/train.py configs/toy/faster-rcnn_r18w16-orepa_fpn_300i_toy-coco.py
     python -m torch.distributed.run --nproc_per_node 2 tools/train.py CONFIG --launcher pytorch
 """
 import argparse
