@@ -1,12 +1,26 @@
-"""Packaging for orepa_mm: online convolutional re-parameterization for OpenMMLab."""
+"""Packaging for orepa_mm: online convolutional re-parameterization for OpenMMLab.
+
+Requirements live in ``requirements/``: ``runtime.txt`` is what the library
+imports; ``mmdet.txt``/``mmseg.txt`` are the frameworks, as extras (so a
+plain ``pip install orepa_mm`` never compiles mmcv); ``tests.txt`` the test
+tools; ``constraints.txt`` the exact versions ``scripts/setup.sh`` installs.
+"""
 import re
 from pathlib import Path
+from typing import List
 
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 VERSION = re.search(r"__version__ = '([^']+)'",
                     (HERE / 'orepa_mm' / 'version.py').read_text()).group(1)
+
+
+def requirements(name: str) -> List[str]:
+    """The requirement lines of ``requirements/<name>.txt``."""
+    lines = (HERE / 'requirements' / f'{name}.txt').read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith('#')]
+
 
 setup(
     name='orepa_mm',
@@ -17,19 +31,12 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(include=['orepa_mm', 'orepa_mm.*']),
     python_requires='>=3.8',
-    install_requires=[
-        'torch>=2.0',
-        'mmengine>=0.10.0,<0.11',
-        'mmcv>=2.0.0,<2.2.0',
-        'numpy',
-    ],
+    install_requires=requirements('runtime'),
     extras_require={
-        'mmdet': ['mmdet>=3.0.0,<3.4'],
-        'mmseg': ['mmsegmentation>=1.0.0,<1.3', 'ftfy', 'regex'],
-        'tests': [
-            'pytest>=7', 'pytest-timeout', 'pycocotools', 'onnx', 'onnxruntime',
-            'onnxscript', 'matplotlib', 'ruff', 'tqdm',
-        ],
+        'mmdet': requirements('mmdet'),
+        'mmseg': requirements('mmseg'),
+        'tests': requirements('tests'),
+        'all': sorted(set(requirements('mmdet') + requirements('mmseg') + requirements('tests'))),
     },
     license='Apache-2.0',
 )

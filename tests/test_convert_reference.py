@@ -1,9 +1,9 @@
-"""Tests for tools/convert_reference_checkpoint.py on synthetic reference checkpoints.
+"""Tests for tools/model_converters/convert_reference_checkpoint.py on synthetic reference checkpoints.
 
 The synthetic checkpoints follow the key/shape lists of the authors' OREPA ResNet-18/50 (training form) and
 ResNet-50 (deploy form) in ``tests/data/orepa_reference/`` (copied from ``shared/reference/``), with random
 values.  The kernels the reference model computes are derived here, independently of orepa_mm, from the
-formulas of the reference code (PAPER.md, "The reference checkpoint layout"), including the stem's
+formulas of the reference code (docs/method.md, "The reference checkpoint layout"), including the stem's
 composition by cross-correlation (``conv2d(padding=2)`` without flip).  A vanilla mmdet ResNet holding those
 kernels and BNs is the expected model; the converted checkpoints must load strictly and compute the same.
 """
@@ -25,7 +25,7 @@ from torch import Tensor
 import orepa_mm  # noqa: F401  (registers conv_cfg type 'OREPA')
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / 'tools' / 'convert_reference_checkpoint.py'
+SCRIPT = REPO / 'tools' / 'model_converters' / 'convert_reference_checkpoint.py'
 LAYOUTS = Path(__file__).resolve().parent / 'data' / 'orepa_reference'
 sys.path.insert(0, str(SCRIPT.parent))
 
@@ -47,7 +47,7 @@ def read_layout(name: str) -> List[Tuple[str, Tuple[int, ...]]]:
 
 
 def prior_buffer(out: int) -> Tensor:
-    """The reference's 3x3 frequency prior, element by element as PAPER.md states it."""
+    """The reference's 3x3 frequency prior, element by element as docs/method.md states it."""
     buf = torch.empty(out, 3, 3)
     for o in range(out):
         for h in range(3):
@@ -250,12 +250,18 @@ def cli(args: List[str], capsys: pytest.CaptureFixture) -> Tuple[int, str, str]:
 # -- tests ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('mapping', [crc.STEM_FLIPPED, crc.STEM_COMPOSED])
-def test_stem_mapping_reproduces_cross_correlation(mapping: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The stem's three 3x3 generators map onto orepa_mm's true composition exactly (flipped generators);
-    the fallback (composed kernel as the origin branch) is exact too."""
-    if mapping == crc.STEM_COMPOSED:  # pretend the prior basis had no rotation symmetry
-        monkeypatch.setattr(crc, '_prior_rotation_sign', lambda cout, k: None)
+@pytest.mark.parametrize('cout', [2, 5, 16, 64])
+def test_prior_rotation_sign(cout: int) -> None:
+    """Rotating the 3x3 frequency prior by 180 degrees multiplies each row by the sign the converter uses."""
+    basis = orepa_mm.kernels.frequency_prior(cout, 3, dtype=torch.float64)
+    sign = crc._prior_rotation_sign(cout)
+    assert torch.allclose(basis.flip(-1, -2), sign[:, None, None] * basis, rtol=0, atol=1e-12)
+    assert (sign == -1).any() and (sign == 1).any() or cout < 2
+
+
+def test_stem_mapping_reproduces_cross_correlation() -> None:
+    """The stem's three 3x3 generators map onto orepa_mm's true composition exactly (flipped generators)."""
+    mapping = crc.STEM_FLIPPED
     narrow = {64: 16, 512: 128}  # the ResNet-18 stem rows at a quarter of the width
     rows = [(key, tuple(narrow.get(d, d) for d in shape))
             for key, shape in read_layout('official_orepa_resnet18_train_keys.tsv') if key.startswith('stage0.')]
@@ -271,7 +277,8 @@ def test_stem_mapping_reproduces_cross_correlation(mapping: str, monkeypatch: py
     expected = ref_stem_kernel(sd, 'stage0.conv1')
     got = conv.weight.detach()
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
-    # orepa_mm's true composition of the unflipped generators is a different kernel (defect 5).
+    # orepa_mm's true composition of the unflipped generators is a different kernel
+    # (docs/method.md, reference defect 5).
     true_stack = orepa_mm.kernels.compose_stack([ref_kxk_kernel(sd, f'stage0.conv1.weight{i}') for i in range(3)])
     assert (true_stack - expected).abs().max() > 1e-2 * expected.abs().max()
 
@@ -282,7 +289,7 @@ def test_resnet18_cli_pth_tar_module_prefix(r18: Dict, x: Tensor, tmp_path: Path
     dst.parent.mkdir()
     dst.write_bytes(b'keep me')
     code, _, err = cli([r18['official'], dst], capsys)
-    assert code == 1 and '--force' in err
+    assert code == 2 and '--force' in err
     assert dst.read_bytes() == b'keep me'
     code, out, err = cli([r18['official'], dst, '--force'], capsys)
     assert code == 0, err
@@ -358,8 +365,9 @@ def test_bad_input_files(case: str, tmp_path: Path, capsys) -> None:
     out_dir = tmp_path / 'out'
     out_dir.mkdir()
     code, _, err = cli([src, out_dir / 'x.pth'], capsys)
-    assert code == 1
-    assert err.startswith('error: ') and message in err, err
+    assert code == 2
+    assert err.startswith('convert_reference_checkpoint: error: ') and message in err, err
+    assert err.count('\n') == 1, err
     assert list(out_dir.iterdir()) == []
 
 
@@ -391,6 +399,6 @@ def test_script_exit_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap
     monkeypatch.setattr(sys, 'argv', [str(SCRIPT), str(tmp_path / 'nope.pth.tar'), str(dst)])
     with pytest.raises(SystemExit) as exc:
         runpy.run_path(str(SCRIPT), run_name='__main__')
-    assert exc.value.code == 1
+    assert exc.value.code == 2
     assert 'checkpoint not found' in capsys.readouterr().err
     assert not dst.exists()

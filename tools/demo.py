@@ -2,7 +2,7 @@
 
     make demo          # = scripts/setup.sh, then: .venv/bin/python tools/demo.py
 
-1. generates the toy COCO- and Cityscapes-format sets (tools/make_toy_data.py);
+1. generates the toy COCO- and Cityscapes-format sets (``orepa_mm.toy_data``);
 2. trains the toy OREPA Faster R-CNN and the toy OREPA PSPNet with mmengine's
    Runner (progress in the log), evaluating with the real COCO bbox metric and
    Cityscapes mIoU;
@@ -13,18 +13,18 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import os.path as osp
-import sys
 import time
 from typing import Dict
 
 import torch
 
-HERE = osp.dirname(osp.abspath(__file__))
-ROOT = osp.dirname(HERE)
-sys.path.insert(0, HERE)
+import orepa_mm
+from orepa_mm.config import load_config
+from orepa_mm.deploy import max_relative_gap
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 JOBS = {
     'detector': ('configs/toy/faster-rcnn_r18w16-orepa_fpn_300i_toy-coco.py', 'coco/bbox_mAP'),
@@ -33,11 +33,11 @@ JOBS = {
 
 
 def make_data(data_root: str) -> None:
-    toy = importlib.import_module('make_toy_data')
+    from orepa_mm import toy_data
     if not osp.isdir(osp.join(data_root, 'coco')):
-        toy.make_coco(osp.join(data_root, 'coco'), 48, 16, 160, 0)
+        toy_data.make_coco(osp.join(data_root, 'coco'), 48, 16, 160, 0)
     if not osp.isdir(osp.join(data_root, 'cityscapes')):
-        toy.make_cityscapes(osp.join(data_root, 'cityscapes'), 24, 8, (128, 256), 0)
+        toy_data.make_cityscapes(osp.join(data_root, 'cityscapes'), 24, 8, (128, 256), 0)
 
 
 def prediction_gap(model_a: torch.nn.Module, model_b: torch.nn.Module, data_batch: dict) -> float:
@@ -45,16 +45,13 @@ def prediction_gap(model_a: torch.nn.Module, model_b: torch.nn.Module, data_batc
     relative to each output's magnitude (fuse_checkpoint's --verify check)."""
     with torch.no_grad():
         data = model_a.data_preprocessor(data_batch, False)
-    return importlib.import_module('fuse_checkpoint').verify(model_a, model_b, [data])
+    return max_relative_gap(model_a, model_b, [data])
 
 
 def run_job(name: str, config: str, metric_key: str, work_root: str, max_iters: int | None) -> Dict[str, float]:
-    from mmengine.config import Config
     from mmengine.runner import Runner
 
-    import orepa_mm
-
-    cfg = Config.fromfile(osp.join(ROOT, config))
+    cfg = load_config(osp.join(ROOT, config))
     cfg.work_dir = osp.join(work_root, name)
     if max_iters:
         cfg.train_cfg.max_iters = cfg.train_cfg.val_interval = max_iters

@@ -1,28 +1,38 @@
 """Evaluate a checkpoint of an mmdet or mmseg config with mmengine's Runner.
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR]
+    bash tools/dist_test.sh CONFIG CHECKPOINT 2
 """
+from __future__ import annotations
+
 import argparse
 import os
 import sys
+from typing import Optional, Sequence
 
 from mmengine.runner import Runner
 
+from orepa_mm.cli import EXIT_STATUS_HELP, tool_main
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _runner_common import add_common_args, load_config  # noqa: E402
+from train import add_runner_args, runner_config  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_STATUS_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_runner_args(parser)
     parser.add_argument('checkpoint', help='checkpoint file')
-    args = parser.parse_args()
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    cfg = load_config(args)
+    return parser.parse_args(argv)
+
+
+@tool_main('test')
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    cfg = runner_config(args)
     cfg.load_from = args.checkpoint
     Runner.from_cfg(cfg).test()
 
 
 if __name__ == '__main__':
-    main()
+    raise SystemExit(main())

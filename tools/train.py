@@ -1,44 +1,50 @@
 """Train an mmdet or mmseg config with mmengine's Runner (for users without mim).
 
     python tools/train.py configs/toy/faster-rcnn_r18w16-orepa_fpn_300i_toy-coco.py
-    python -m torch.distributed.run --nproc_per_node 2 tools/train.py CONFIG --launcher pytorch
+    bash tools/dist_train.sh CONFIG 2          # two processes (gloo on CPU, nccl on GPUs)
 """
+from __future__ import annotations
+
 import argparse
 import os
-import sys
+import os.path as osp
+from typing import Optional, Sequence
 
 import torch
+from mmengine.config import DictAction
 from mmengine.runner import Runner
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _runner_common import add_common_args, load_config  # noqa: E402
+from orepa_mm.cli import EXIT_STATUS_HELP, tool_main
+from orepa_mm.config import load_config
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
-    parser.add_argument('--resume', nargs='?', const='auto', default=None,
-                        help='resume from a checkpoint, or the latest one in work_dir if no path is given')
-    parser.add_argument('--amp', action='store_true', help='automatic mixed precision')
-    args = parser.parse_args()
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    cfg = load_config(args)
-    if args.resume == 'auto':
-        cfg.resume, cfg.load_from = True, None
-    elif args.resume:
-        cfg.resume, cfg.load_from = True, args.resume
-    if args.amp:
-        cfg.optim_wrapper.type = 'AmpOptimWrapper'
-        cfg.optim_wrapper.loss_scale = 'dynamic'
+def add_runner_args(parser: argparse.ArgumentParser) -> None:
+    """The arguments tools/train.py and tools/test.py share (as in OpenMMLab's own tools)."""
+    parser.add_argument('config', help='config file (mmdet or mmseg)')
+    parser.add_argument('--work-dir', help='where logs and checkpoints go (default ./work_dirs/<config name>)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override settings, e.g. train_cfg.max_iters=10')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def runner_config(args: argparse.Namespace):
+    """The config of ``args.config`` with the command line's overrides, launcher and work_dir."""
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    cfg = load_config(args.config, args.cfg_options)
+    cfg.launcher = args.launcher
+    if args.work_dir:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
     if args.launcher != 'none' and not torch.cuda.is_available():
         setup_cpu_distributed(cfg)
-    Runner.from_cfg(cfg).train()
+    return cfg
 
 
 def setup_cpu_distributed(cfg) -> None:
-    """Distributed training without GPUs: mmengine 0.10.7's ``init_dist``
-    calls ``torch.cuda.set_device`` and wraps the model with
+    """Distributed runs without GPUs: mmengine 0.10.7's ``init_dist`` calls
+    ``torch.cuda.set_device`` and wraps the model with
     ``device_ids=[local_rank]``, both of which need CUDA.  Initialise a gloo
     process group here (the Runner then reuses it) and wrap without device ids."""
     import torch.distributed as dist
@@ -51,5 +57,29 @@ def setup_cpu_distributed(cfg) -> None:
     cfg.model_wrapper_cfg = wrapper
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_STATUS_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_runner_args(parser)
+    parser.add_argument('--resume', nargs='?', const='auto', default=None,
+                        help='resume from a checkpoint, or the latest one in work_dir if no path is given')
+    parser.add_argument('--amp', action='store_true', help='automatic mixed precision')
+    return parser.parse_args(argv)
+
+
+@tool_main('train')
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    cfg = runner_config(args)
+    if args.resume == 'auto':
+        cfg.resume, cfg.load_from = True, None
+    elif args.resume:
+        cfg.resume, cfg.load_from = True, args.resume
+    if args.amp:
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.loss_scale = 'dynamic'
+    Runner.from_cfg(cfg).train()
+
+
 if __name__ == '__main__':
-    main()
+    raise SystemExit(main())

@@ -13,7 +13,7 @@ mmengine-style checkpoint ``{'state_dict': ..., 'meta': ...}`` for
 
 Usage::
 
-    python tools/convert_reference_checkpoint.py SRC DST [--fused] [--force]
+    python tools/model_converters/convert_reference_checkpoint.py SRC DST [--fused] [--force]
 
 Mapping, per reference layer (``v`` is the reference ``vector``):
 
@@ -30,7 +30,8 @@ Mapping, per reference layer (``v`` is the reference ``vector``):
   -> ``weight_l2i_second``, ``t = min(in, out)`` in both codes; ``vector`` -> ``branch_scales``.
 * Stem (the reference's large-kernel block ``stage0.conv1``, three 3x3 OREPA kernels ``K0, K1, K2``) ->
   :class:`~orepa_mm.layers.OREPAStackedBranches`.  The reference composes the kernels by cross-correlation
-  (``conv2d`` without flipping, its defect 5) while orepa_mm composes the true kernel of the stacked convs.
+  (``conv2d`` without flipping; docs/method.md, reference defect 5) while orepa_mm composes the true kernel
+  of the stacked convs.
   Cross-correlating with ``B`` equals composing with ``B`` rotated by 180 degrees, so the reference kernel is
   ``compose(K0, rot(K1), rot(K2))`` (same order, ``K0`` applied first), and a rotated OREPA k x k kernel is
   again an OREPA k x k kernel: rotate the origin, the second factor of 1x1-kxk and the depthwise kernels; the
@@ -39,8 +40,7 @@ Mapping, per reference layer (``v`` is the reference ``vector``):
   mapping (``flipped-generators``) is exact and keeps the stem's branch structure trainable:
   ``branch_scales = [0, 1]`` (origin off, stack on), ``weight_origin`` holds a fixed-seed Kaiming draw like a
   fresh layer.  The tool verifies it numerically against :func:`orepa_mm.kernels.cross_correlate_kernels`
-  (float64) and, should it ever not hold, falls back to ``composed-origin``: the reference's composed 7x7
-  kernel in ``weight_origin`` with scales ``[1, 0]`` (the generators kept, switched off).
+  (float64) and refuses to write anything should it ever not hold.
 * ResNet-18/34 shortcut (a plain ``conv`` + ``bn`` in the reference) and every deploy-form conv: written as
   explicit branch values, not as a plain ``weight`` key: origin = the kernel, origin scale 1, every other
   scale 0, and the other branch parameters at orepa_mm's (fixed-seed) initial values, i.e. exactly what
@@ -64,8 +64,6 @@ import argparse
 import math
 import os
 import re
-import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -73,14 +71,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-try:
-    import orepa_mm  # noqa: F401  (registers the layers; the tool needs its kernel algebra)
-except ImportError:  # running from a checkout that is not installed
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import orepa_mm  # noqa: F401
-
+import orepa_mm
 from orepa_mm import kernels as K
-from orepa_mm.checkpoint import CheckpointError, load_checkpoint_file
+from orepa_mm.checkpoint import load_checkpoint_file, save_atomic
+from orepa_mm.cli import EXIT_STATUS_HELP, ToolError, tool_main
 from orepa_mm.layers import OREPA1x1Branches, OREPAKxKBranches, OREPAStackedBranches
 
 __all__ = ['ConversionError', 'Conversion', 'convert', 'detect_depth', 'layer_specs', 'main']
@@ -100,10 +94,11 @@ ARCH: Dict[int, Tuple[str, Tuple[int, int, int, int]]] = {
 DROPPED_PREFIXES = ('linear.', )
 DEPLOY_NAMES = {1: 'or1x1_reparam', 3: 'orepa_reparam', 7: 'or_large_reparam'}
 BN_FIELDS = ('weight', 'bias', 'running_mean', 'running_var')
-STEM_FLIPPED, STEM_COMPOSED = 'flipped-generators', 'composed-origin'
+STEM_FLIPPED = 'flipped-generators'
+CONVERTER = 'tools/model_converters/convert_reference_checkpoint.py'
 
 
-class ConversionError(ValueError):
+class ConversionError(ToolError):
     """The checkpoint cannot be converted; the message says why."""
 
 
@@ -140,7 +135,7 @@ class Conversion:
         """The checkpoint's ``meta`` entry: where it came from and what it is for."""
         return dict(source=source, depth=self.depth, form=self.form, fused=self.fused, target=self.target,
                     backbone=dict(type=self.target, depth=self.depth), stem_mapping=self.stem_mapping,
-                    dropped_keys=list(self.dropped_keys), converter='tools/convert_reference_checkpoint.py',
+                    dropped_keys=list(self.dropped_keys), converter=CONVERTER,
                     orepa_mm_version=orepa_mm.__version__)
 
     def summary(self) -> str:
@@ -305,25 +300,21 @@ def _pass_through_bn(bias: Tensor) -> Dict[str, Tensor]:
             'num_batches_tracked': torch.tensor(0, dtype=torch.long)}
 
 
-def _prior_rotation_sign(cout: int, k: int) -> Optional[Tensor]:
-    """``s`` with ``rot180(B[o]) == s[o] * B[o]`` for the prior basis ``B``, or None if no such ``s``."""
-    basis = K.frequency_prior(cout, k, dtype=torch.float64)
-    rotated = basis.flip(-1, -2)
-    sign = torch.where((rotated * basis).flatten(1).sum(1) >= 0, 1.0, -1.0).to(torch.float64)
-    if not torch.allclose(rotated, sign[:, None, None] * basis, rtol=0, atol=1e-12):
-        return None
-    return sign
+def _prior_rotation_sign(cout: int) -> Tensor:
+    """``s`` with ``rot180(B[o]) == s[o] * B[o]`` for the frequency-prior basis ``B``: each row is
+    ``cos(pi * (h + 0.5) * f / k)`` along one axis, and ``h -> k - 1 - h`` turns it into
+    ``cos(pi * f - ...) = (-1)^f`` times itself, ``f`` the row's frequency (``o + 1`` or ``o + 1 - cout / 2``)."""
+    o = torch.arange(cout, dtype=torch.float64)
+    freq = torch.where(o < cout / 2, o + 1, o + 1 - cout / 2)
+    return torch.where(freq % 2 == 0, 1.0, -1.0).to(torch.float64)
 
 
-def _rotate_kxk(state: Dict[str, Tensor], cout: int, k: int) -> Optional[Dict[str, Tensor]]:
+def _rotate_kxk(state: Dict[str, Tensor], cout: int) -> Dict[str, Tensor]:
     """Branch values whose OREPA k x k kernel is the kernel of ``state`` rotated by 180 degrees."""
-    sign = _prior_rotation_sign(cout, k)
-    if sign is None:
-        return None
     out = dict(state)
     for name in ('weight_origin', 'weight_1x1_kxk_second', 'weight_dw'):
         out[name] = state[name].flip(-1, -2)
-    out['weight_prior'] = state['weight_prior'] * sign.to(state['weight_prior'].dtype)[:, None]
+    out['weight_prior'] = state['weight_prior'] * _prior_rotation_sign(cout).to(state['weight_prior'].dtype)[:, None]
     return out
 
 
@@ -431,20 +422,15 @@ def _read_stem(r: _Reader, modules: _Modules, spec: LayerSpec) -> _Layer:
     dtype = subs[0]['weight_origin'].dtype
 
     state = {name: t.to(dtype) for name, t in modules.fresh_state(cin, cout, k).items()}  # origin: fixed draw
-    rotated = [subs[0]] + [_rotate_kxk(s, cout, 3) for s in subs[1:]]
-    if all(s is not None for s in rotated):
-        for i, s in enumerate(rotated):
-            state.update({f'stack.{i}.{name}': t for name, t in s.items()})
-        state['branch_scales'] = torch.stack([torch.zeros(cout), torch.ones(cout)]).to(dtype)
-        ours = modules.kernel(cin, cout, k, state, torch.float64)
-        if (ours - reference).abs().max() <= 1e-9 * reference.abs().max().clamp_min(1e-30):
-            return _Layer('OREPA stem', 'train', state, reference, bn, STEM_FLIPPED)
-    # Fallback: the composed kernel as the origin branch; the generators are kept, switched off.
-    for i, s in enumerate(subs):
+    rotated = [subs[0]] + [_rotate_kxk(s, cout) for s in subs[1:]]
+    for i, s in enumerate(rotated):
         state.update({f'stack.{i}.{name}': t for name, t in s.items()})
-    state['weight_origin'] = reference.to(dtype)
-    state['branch_scales'] = torch.stack([torch.ones(cout), torch.zeros(cout)]).to(dtype)
-    return _Layer('OREPA stem', 'train', state, reference, bn, STEM_COMPOSED)
+    state['branch_scales'] = torch.stack([torch.zeros(cout), torch.ones(cout)]).to(dtype)
+    ours = modules.kernel(cin, cout, k, state, torch.float64)
+    gap = (ours - reference).abs().max() / reference.abs().max().clamp_min(1e-30)
+    if gap > 1e-9:
+        raise RuntimeError(f'{p}: the flipped stem generators miss the reference kernel by {gap:.2e} (relative)')
+    return _Layer('OREPA stem', 'train', state, reference, bn, STEM_FLIPPED)
 
 
 # -- conversion -------------------------------------------------------------------------------------------
@@ -499,25 +485,11 @@ def convert(checkpoint: Any, fused: bool = False) -> Conversion:
     return Conversion(out, depth, form, fused, None if fused else stem_mapping, kinds, dropped)
 
 
-def save_atomic(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description='Convert an official OREPA ResNet checkpoint (JUGGHM/OREPA_CVPR2022, training or deploy '
-                    'form) to an mmdet/mmseg OREPAResNet (default) or vanilla ResNet (--fused) checkpoint.')
+                    'form) to an mmdet/mmseg OREPAResNet (default) or vanilla ResNet (--fused) checkpoint.',
+        epilog=EXIT_STATUS_HELP)
     parser.add_argument('src', help='reference checkpoint (.pth.tar or .pth)')
     parser.add_argument('dst', help='output checkpoint (.pth)')
     parser.add_argument('--fused', action='store_true',
@@ -526,24 +498,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command line entry point; returns the exit status."""
+@tool_main('convert_reference_checkpoint')
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Command line entry point."""
     args = parse_args(argv)
-    try:
-        if os.path.isdir(args.dst):
-            raise ConversionError(f'{args.dst} is a directory; give the output file name')
-        if os.path.exists(args.dst) and not args.force:
-            raise ConversionError(f'{args.dst} exists; pass --force to overwrite it')
-        result = convert(load_checkpoint_file(args.src), fused=args.fused)
-        save_atomic({'state_dict': result.state_dict, 'meta': result.meta(os.path.abspath(args.src))}, args.dst)
-    except (ConversionError, CheckpointError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        print('nothing written', file=sys.stderr)
-        return 1
+    if os.path.isdir(args.dst):
+        raise ConversionError(f'{args.dst} is a directory; give the output file name')
+    if os.path.exists(args.dst) and not args.force:
+        raise ConversionError(f'{args.dst} exists; pass --force to overwrite it')
+    result = convert(load_checkpoint_file(args.src), fused=args.fused)
+    save_atomic({'state_dict': result.state_dict, 'meta': result.meta(os.path.abspath(args.src))}, args.dst)
     print(result.summary())
     print(f'wrote {args.dst}')
-    return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""What every command-line tool of orepa_mm shares: one logger and one
+exit-code convention.
+
+* Progress and results go through mmengine's logger (``print_log``), so the
+  tools read like the OpenMMLab tools around them.
+* A user error (bad arguments, a missing or unusable file, a config that
+  does not fit) is one line, ``<tool>: error: <what is wrong>``, and exit
+  status 2 (the status argparse uses for bad arguments); nothing is written.
+  Anything else is a bug and keeps its traceback (status 1).
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, Optional, Sequence
+
+from mmengine.logging import MMLogger, print_log
+
+from .checkpoint import CheckpointError
+
+__all__ = ['ToolError', 'EXIT_USER_ERROR', 'EXIT_STATUS_HELP', 'get_logger', 'log', 'tool_main']
+
+#: Exit status of every tool for a user error.
+EXIT_USER_ERROR = 2
+#: The ``--help`` epilog that documents the convention.
+EXIT_STATUS_HELP = ('exit status: 0 on success; 2 on a user error (bad arguments or input: one message says '
+                    'what is wrong, nothing is written); 1 on an unexpected failure (a bug: please report it)')
+
+
+class ToolError(Exception):
+    """A user error in a tool's input; the message says what is wrong."""
+
+
+#: Errors that a tool reports as one line with :data:`EXIT_USER_ERROR`.
+USER_ERRORS = (ToolError, CheckpointError)
+
+
+def get_logger() -> MMLogger:
+    """The logger of orepa_mm's tools (console, INFO)."""
+    if MMLogger.check_instance_created('orepa_mm'):
+        return MMLogger.get_instance('orepa_mm')
+    return MMLogger.get_instance('orepa_mm', log_level='INFO')
+
+
+def log(message: str) -> None:
+    """Log ``message`` at INFO through the tools' logger."""
+    print_log(message, logger=get_logger())
+
+
+def tool_main(prog: str) -> Callable[[Callable[[Optional[Sequence[str]]], None]], Callable[..., int]]:
+    """Decorate a tool's ``main(argv)`` so that it returns the exit status:
+    0, or :data:`EXIT_USER_ERROR` after printing ``<prog>: error: <message>``
+    to stderr for a user error."""
+    def wrap(fn: Callable[[Optional[Sequence[str]]], None]) -> Callable[..., int]:
+        @functools.wraps(fn)
+        def main(argv: Optional[Sequence[str]] = None) -> int:
+            try:
+                fn(argv)
+            except USER_ERRORS as e:
+                print(f'{prog}: error: {e}', file=sys.stderr)
+                return EXIT_USER_ERROR
+            return 0
+        return main
+    return wrap
