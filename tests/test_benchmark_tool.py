@@ -1,4 +1,5 @@
-"""Tests for tools/benchmark.py: the saved-tensor counter, and a tiny end-to-end run of the CLI."""
+"""Tests for tools/analysis_tools/benchmark.py: the saved-tensor and operator counters, the conv swaps,
+and a tiny end-to-end run of the CLI."""
 from __future__ import annotations
 
 import json
@@ -11,10 +12,11 @@ import torch
 import torch.nn as nn
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / 'tools' / 'benchmark.py'
+SCRIPT = REPO / 'tools' / 'analysis_tools' / 'benchmark.py'
 sys.path.insert(0, str(SCRIPT.parent))
 
-import benchmark as bm  # noqa: E402
+from benchmark_lib import counters, workloads  # noqa: E402
+from benchmark_lib.measure import Trainee  # noqa: E402
 
 FLOAT_BYTES = 4
 
@@ -26,7 +28,7 @@ def _conv_relu_stack() -> nn.Sequential:
 def test_counter_counts_inputs_once_and_excludes_parameters() -> None:
     model = _conv_relu_stack()
     x = torch.randn(2, 3, 8, 8)
-    with bm.SavedTensorCounter(bm.model_tensors(model)) as counter:
+    with counters.SavedTensorCounter(counters.model_tensors(model)) as counter:
         y = model(x)
     # conv1 keeps its input x; ReLU keeps its output, which conv2 keeps as its
     # input too (one storage); the last ReLU keeps its output.  The conv
@@ -36,7 +38,7 @@ def test_counter_counts_inputs_once_and_excludes_parameters() -> None:
     assert counter.num_storages == 3
     y.sum().backward()  # the graph is intact
 
-    with bm.SavedTensorCounter() as everything:
+    with counters.SavedTensorCounter() as everything:
         y = model(x)
     weights = sum(m.weight.numel() for m in model if isinstance(m, nn.Conv2d)) * FLOAT_BYTES
     assert everything.nbytes == expected + weights
@@ -45,26 +47,26 @@ def test_counter_counts_inputs_once_and_excludes_parameters() -> None:
 def test_counter_skips_graphs_dropped_before_backward() -> None:
     model = _conv_relu_stack()
     x = torch.randn(1, 3, 8, 8)
-    with bm.SavedTensorCounter(model.parameters()) as counter:
+    with counters.SavedTensorCounter(model.parameters()) as counter:
         model(x)  # output (and graph) discarded at once
     assert counter.nbytes == 0
-    nbytes, out = bm.count_saved_bytes(lambda: model(x), model.parameters())
+    nbytes, out = counters.count_saved_bytes(lambda: model(x), model.parameters())
     assert nbytes == (3 * 8 * 8 + 4 * 8 * 8 + 5 * 4 * 4) * FLOAT_BYTES
     assert out.shape == (1, 5, 4, 4)
 
 
 def test_counter_ignores_no_grad() -> None:
     model = _conv_relu_stack()
-    with torch.no_grad(), bm.SavedTensorCounter(model.parameters()) as counter:
+    with torch.no_grad(), counters.SavedTensorCounter(model.parameters()) as counter:
         y = model(torch.randn(1, 3, 8, 8))
     assert counter.nbytes == 0 and not y.requires_grad
 
 
 def test_dbb_kxk_variant_converts_only_kxk_convs() -> None:
     from orepa_mm import DBBConv2d
-    assert isinstance(bm.dbb_kxk_conv(4, 8, 3, padding=1, bias=False), DBBConv2d)
+    assert isinstance(workloads.dbb_kxk_conv(4, 8, 3, padding=1, bias=False), DBBConv2d)
     for k in (1, 7):
-        conv = bm.dbb_kxk_conv(4, 8, k, stride=2, padding=k // 2, bias=False)
+        conv = workloads.dbb_kxk_conv(4, 8, k, stride=2, padding=k // 2, bias=False)
         assert type(conv) is nn.Conv2d and conv.stride == (2, 2) and conv.bias is None
 
 
@@ -83,7 +85,7 @@ def test_swap_convs_replaces_each_variants_convs() -> None:
         model = body()
         before = [(m.kernel_size, m.stride, m.padding, m.dilation, m.in_channels, m.out_channels)
                   for m in (model[0], model[1][0], model[1][2])]
-        count = bm.swap_convs(model, variant)
+        count = workloads.swap_convs(model, variant)
         convs = (model[0], model[1][0], model[1][2])
         assert tuple(type(m) for m in convs) == types, variant
         assert count == sum(t is not nn.Conv2d for t in types), variant
@@ -91,6 +93,65 @@ def test_swap_convs_replaces_each_variants_convs() -> None:
                 for m in convs] == before, variant
         assert not any(p.requires_grad for p in model[0].parameters()), variant
         assert all(p.requires_grad for p in model[1].parameters()), variant
+
+
+def test_view_ops_are_told_apart_by_schema() -> None:
+    aten = torch.ops.aten
+    for op in (aten.view.default, aten.t.default, aten.expand.default, aten.detach.default, aten.select.int,
+               aten.as_strided.default, aten.permute.default):
+        assert counters.is_view_op(op), op
+    for op in (aten.add.Tensor, aten.add_.Tensor, aten.mm.default, aten.convolution.default, aten.copy_.default,
+               aten.mm.out, aten._foreach_mul_.Scalar, aten.clone.default):
+        assert not counters.is_view_op(op), op
+
+
+def test_op_counter_counts_forward_backward_and_optimizer() -> None:
+    model = _conv_relu_stack()
+    x = torch.randn(2, 3, 8, 8)
+    with counters.OpCounter() as forward_only:
+        model(x)
+    with counters.OpCounter() as step:
+        model(x).sum().backward()
+    assert 0 < forward_only.total < step.total
+    assert forward_only.by_op['convolution'] == 2 and step.by_op['convolution_backward'] == 2
+    assert 'view' not in step.by_op and 't' not in step.by_op  # views and aliases apart
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=True)
+    optimizer.step()  # creates the momentum buffers
+    counter, _ = counters.count_ops(optimizer.step)
+    assert counter.total > 0 and all(op.startswith('_foreach_') for op in counter.by_op), counter.by_op
+
+
+def _resnet18_step_ops(variant: str, size: int) -> counters.OpCounter:
+    """The operators of the benchmark's training step of ResNet-18 at ``size`` x ``size`` (after a first step)."""
+    workload = workloads.make_workload('resnet18', 2, (size, size), torch.device('cpu'), 0)
+    torch.manual_seed(0)
+    model = workload.build(variant)
+    model.train()  # (mmdet's ResNet.train() returns None)
+    trainee = Trainee(workload, variant, model, amp=False, lr=0.0)
+    trainee.train_step()  # the momentum buffers
+    counter, _ = counters.count_ops(trainee.train_step)
+    return counter
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread: far faster than two contended ones on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_op_count_of_a_training_step_is_exact_and_size_independent(one_thread) -> None:
+    import orepa_mm  # noqa: F401 - registers OREPAResNet
+    plain_small, plain_large = _resnet18_step_ops('plain', 32), _resnet18_step_ops('plain', 64)
+    assert plain_small.total > 0
+    assert plain_small.by_op == plain_large.by_op and plain_small.views == plain_large.views
+    orepa_small, orepa_large = _resnet18_step_ops('orepa', 32), _resnet18_step_ops('orepa', 48)
+    assert orepa_small.by_op == orepa_large.by_op
+    assert orepa_small.total > plain_small.total
+    # one foreach SGD update for all parameters, not one per parameter
+    assert plain_small.by_op['_foreach_add_'] <= 3
 
 
 def test_cli_smoke(tmp_path: Path) -> None:
@@ -114,11 +175,12 @@ def test_cli_smoke(tmp_path: Path) -> None:
                     'param_grad_optimizer_bytes', 'params'):
             assert result[key] > 0
         assert result['cuda_max_allocated_bytes'] is None  # CPU run
+        assert result['train_ops'] == sum(result['train_ops_by_op'].values()) > 0
         assert result['fused_reparam_layers'] == 0
     assert res['variants']['plain']['reparam_layers'] == 0
     assert res['variants']['orepa']['reparam_layers'] == res['variants']['dbb']['reparam_layers'] > 0
     for key in ('train_step_s', 'saved_activation_bytes', 'param_grad_optimizer_bytes', 'eval_unfused_s',
-                'eval_fused_s', 'params'):
+                'eval_fused_s', 'params', 'train_ops'):
         assert res['ratios']['plain'][key] == 1.0
     # DBB runs every branch on the feature map: more activations than plain;
     # OREPA keeps only each conv's input, like plain.
@@ -131,8 +193,34 @@ def test_cli_smoke(tmp_path: Path) -> None:
     assert flops['orepa'] > flops['plain'] > 0 and flops['dbb'] > flops['plain']
     assert 'bmm' in res['variants']['orepa']['train_gflop_by_op']
     assert 'bmm' not in res['variants']['plain']['train_gflop_by_op']
+    # OREPA generates its kernels with extra operators at every step: more dispatches than plain
+    ops = {v: res['variants'][v]['train_ops'] for v in ('plain', 'orepa', 'dbb')}
+    assert ops['orepa'] > ops['plain'] and ops['dbb'] > ops['plain']
+    assert res['ratios']['orepa']['train_ops'] == pytest.approx(ops['orepa'] / ops['plain'])
 
     md = stem.with_suffix('.md').read_text()
     assert '| resnet18 | orepa |' in md and '(1.00x)' in md and 'GFLOP per training step' in md
+    assert 'ops/step' in md and 'ATen operators per training step' in md
     png = stem.with_suffix('.png').read_bytes()
     assert png[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_cli_user_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Bad arguments: exit status 2, one message, nothing written; --help documents it."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), '--workloads', 'resnet7', '--out-dir', str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and 'benchmark: error:' in proc.stderr and 'resnet7' in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+    import benchmark
+    for args in (['--models', 'resnet18', '--variants', 'plain', 'plain'], ['--models', 'pspnet', '--batch-size', '1'],
+                 ['--rounds', '0']):
+        with pytest.raises(SystemExit) as exit_info:
+            benchmark.parse_args(args)
+        assert exit_info.value.code == 2, args
+        assert 'benchmark: error:' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(['--help'])
+    help_text = capsys.readouterr().out
+    assert 'exit status' in help_text and '--models' in help_text and '--workloads' in help_text
+    assert benchmark.parse_args(['--models', 'resnet18']).workloads == ['resnet18']

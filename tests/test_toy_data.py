@@ -1,4 +1,5 @@
-"""Tests for tools/make_toy_data.py: determinism, loading through the real mmdet / mmseg datasets, CLI."""
+"""Tests for orepa_mm.toy_data and its command line tools/misc/make_toy_data.py: determinism, loading
+through the real mmdet / mmseg datasets, CLI."""
 from __future__ import annotations
 
 import json
@@ -11,11 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / 'tools' / 'make_toy_data.py'
-sys.path.insert(0, str(SCRIPT.parent))
+from orepa_mm import toy_data
 
-import make_toy_data as mtd  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / 'tools' / 'misc' / 'make_toy_data.py'
 
 COCO_TRAIN, COCO_VAL, COCO_SIZE = 3, 10, 96
 CITY_TRAIN, CITY_VAL, CITY_HW = 2, 4, (64, 128)
@@ -28,19 +28,19 @@ def _tree_bytes(root: Path) -> Dict[str, bytes]:
 
 @pytest.fixture(scope='module')
 def coco_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    paths = mtd.make_coco(tmp_path_factory.mktemp('toy') / 'coco', COCO_TRAIN, COCO_VAL, COCO_SIZE, seed=0)
+    paths = toy_data.make_coco(tmp_path_factory.mktemp('toy') / 'coco', COCO_TRAIN, COCO_VAL, COCO_SIZE, seed=0)
     return paths['root']
 
 
 @pytest.fixture(scope='module')
 def city_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    paths = mtd.make_cityscapes(tmp_path_factory.mktemp('toy') / 'cityscapes', CITY_TRAIN, CITY_VAL, CITY_HW,
+    paths = toy_data.make_cityscapes(tmp_path_factory.mktemp('toy') / 'cityscapes', CITY_TRAIN, CITY_VAL, CITY_HW,
                                 seed=0)
     return paths['root']
 
 
 def test_coco_layout_and_returned_paths(tmp_path: Path) -> None:
-    paths = mtd.make_coco(tmp_path / 'coco', 2, 1, 64, seed=3)
+    paths = toy_data.make_coco(tmp_path / 'coco', 2, 1, 64, seed=3)
     assert paths['root'] == tmp_path / 'coco'
     assert paths['train_ann_file'] == tmp_path / 'coco' / 'annotations' / 'instances_train2017.json'
     assert paths['val_ann_file'] == tmp_path / 'coco' / 'annotations' / 'instances_val2017.json'
@@ -65,7 +65,7 @@ def test_coco_layout_and_returned_paths(tmp_path: Path) -> None:
 
 
 def test_cityscapes_layout(tmp_path: Path) -> None:
-    paths = mtd.make_cityscapes(tmp_path / 'cs', 3, 1, (48, 96), seed=3)
+    paths = toy_data.make_cityscapes(tmp_path / 'cs', 3, 1, (48, 96), seed=3)
     imgs = sorted(str(p.relative_to(paths['root'])) for p in paths['root'].rglob('*.png'))
     assert imgs == [
         'gtFine/train/toyburg/toyburg_000000_000019_gtFine_labelTrainIds.png',
@@ -83,13 +83,15 @@ def test_cityscapes_layout(tmp_path: Path) -> None:
 
 
 def test_deterministic(tmp_path: Path, coco_root: Path, city_root: Path) -> None:
-    same_coco = mtd.make_coco(tmp_path / 'a' / 'coco', COCO_TRAIN, COCO_VAL, COCO_SIZE, seed=0)['root']
-    same_city = mtd.make_cityscapes(tmp_path / 'a' / 'cs', CITY_TRAIN, CITY_VAL, CITY_HW, seed=0)['root']
+    same_coco = toy_data.make_coco(tmp_path / 'a' / 'coco', COCO_TRAIN, COCO_VAL, COCO_SIZE, seed=0)['root']
+    same_city = toy_data.make_cityscapes(tmp_path / 'a' / 'cs', CITY_TRAIN, CITY_VAL, CITY_HW, seed=0)['root']
     assert _tree_bytes(same_coco) == _tree_bytes(coco_root)
     assert _tree_bytes(same_city) == _tree_bytes(city_root)
 
-    other_coco = _tree_bytes(mtd.make_coco(tmp_path / 'b' / 'coco', COCO_TRAIN, COCO_VAL, COCO_SIZE, seed=1)['root'])
-    other_city = _tree_bytes(mtd.make_cityscapes(tmp_path / 'b' / 'cs', CITY_TRAIN, CITY_VAL, CITY_HW, seed=1)['root'])
+    other_coco = _tree_bytes(toy_data.make_coco(tmp_path / 'b' / 'coco', COCO_TRAIN, COCO_VAL, COCO_SIZE,
+                                                seed=1)['root'])
+    other_city = _tree_bytes(toy_data.make_cityscapes(tmp_path / 'b' / 'cs', CITY_TRAIN, CITY_VAL, CITY_HW,
+                                                      seed=1)['root'])
     reference = _tree_bytes(coco_root)
     assert other_coco.keys() == reference.keys()
     assert all(other_coco[k] != reference[k] for k in reference)  # every image and both json files change
@@ -108,7 +110,7 @@ def test_coco_loads_in_mmdet(coco_root: Path) -> None:
     ann = json.loads((coco_root / 'annotations' / 'instances_val2017.json').read_text())
     assert len(ds) == COCO_VAL
     # default COCO metainfo: the toy categories are the first three COCO classes, labels 0..2
-    assert ds.metainfo['classes'][:3] == mtd.COCO_TOY_CLASSES
+    assert ds.metainfo['classes'][:3] == toy_data.COCO_TOY_CLASSES
     assert [c['name'] for c in ann['categories']] == list(ds.metainfo['classes'])
 
     instances = [inst for i in range(len(ds)) for inst in ds.get_data_info(i)['instances']]
@@ -154,7 +156,7 @@ def test_cityscapes_loads_in_mmseg(city_root: Path) -> None:
         assert values <= set(range(19)) | {255}
         assert len(values - {255}) >= 4  # several classes in every image
         seen |= values
-    t = mtd.CITYSCAPES_TRAIN_IDS
+    t = toy_data.CITYSCAPES_TRAIN_IDS
     assert {t['road'], t['sidewalk'], t['building'], t['sky'], 255} <= seen
     assert len(seen - {255}) >= 6
 
@@ -174,7 +176,7 @@ def test_cli_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     assert str(ann.relative_to(out)) in before and not (out / 'cityscapes').exists()
 
     again = _run_cli(*small, '--seed', '5')
-    assert again.returncode != 0
+    assert again.returncode == 2  # a user error
     assert '--force' in again.stderr and 'coco' in again.stderr
     assert _tree_bytes(out) == before  # untouched, no temporary folder left
     assert sorted(p.name for p in out.iterdir()) == ['coco']
@@ -186,7 +188,7 @@ def test_cli_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ['coco']
 
     with pytest.raises(FileExistsError):
-        mtd.make_coco(out / 'coco', 1, 1, 48, seed=0)
+        toy_data.make_coco(out / 'coco', 1, 1, 48, seed=0)
 
 
 def test_cli_city_size_argument(tmp_path: Path) -> None:
@@ -198,4 +200,12 @@ def test_cli_city_size_argument(tmp_path: Path) -> None:
     with Image.open(next((out / 'cityscapes' / 'gtFine' / 'val').rglob('*_gtFine_labelTrainIds.png'))) as seg:
         assert seg.size == (72, 40)
     bad = _run_cli('--out', str(tmp_path / 'x'), '--city-size', '128by256')
-    assert bad.returncode != 0
+    assert bad.returncode == 2 and 'HEIGHTxWIDTH' in bad.stderr
+    assert not (tmp_path / 'x').exists()
+
+
+def test_package_import_does_not_load_toy_data() -> None:
+    """``import orepa_mm`` stays free of the toy-data module (and so of its Pillow need)."""
+    code = 'import sys, orepa_mm; assert "orepa_mm.toy_data" not in sys.modules, sorted(sys.modules)'
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,0 +1,126 @@
+"""What both toy sets share: seeded random streams, polygon and noise helpers,
+writing a folder atomically, and progress output."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from mmengine.logging import print_log
+from mmengine.utils import ProgressBar
+from PIL import Image, ImageDraw
+
+PathLike = Union[str, os.PathLike]
+Polygon = List[Tuple[float, float]]
+
+#: ``subset`` coordinate of each set in :func:`image_rng`.
+COCO_SUBSET = 0
+CITY_SUBSET = 1
+JPEG_QUALITY = 90
+PNG_COMPRESS_LEVEL = 6
+
+
+def image_rng(seed: int, subset: int, split: int, index: int) -> np.random.Generator:
+    """The random stream of one image; it depends only on its own coordinates,
+    so the images of one split do not change when another split grows."""
+    return np.random.default_rng([seed, subset, split, index])
+
+
+def polygon_mask(height: int, width: int, points: Sequence[Tuple[float, float]]) -> np.ndarray:
+    """Rasterise a polygon into a boolean ``(height, width)`` mask."""
+    canvas = Image.new('L', (width, height), 0)
+    ImageDraw.Draw(canvas).polygon([(float(x), float(y)) for x, y in points], fill=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def ellipse_points(cx: float, cy: float, rx: float, ry: float, angle: float = 0.0,
+                   num: Optional[int] = None) -> Polygon:
+    """Vertices of an ellipse with semi-axes ``rx``, ``ry`` rotated by ``angle`` radians."""
+    if num is None:
+        num = int(np.clip(max(rx, ry), 12, 48))
+    t = np.linspace(0.0, 2.0 * math.pi, num, endpoint=False)
+    x, y = rx * np.cos(t), ry * np.sin(t)
+    ca, sa = math.cos(angle), math.sin(angle)
+    return [(cx + xi * ca - yi * sa, cy + xi * sa + yi * ca) for xi, yi in zip(x, y)]
+
+
+def polygon_area(points: Sequence[Tuple[float, float]]) -> float:
+    """Area of a simple polygon (shoelace formula)."""
+    pts = np.asarray(points, dtype=np.float64)
+    x, y = pts[:, 0], pts[:, 1]
+    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0)
+
+
+def upsampled_noise(rng: np.random.Generator, height: int, width: int, cells: int,
+                    channels: int = 1) -> np.ndarray:
+    """Smooth noise in ``[-1, 1]``: a coarse random grid bilinearly upsampled to ``(height, width, channels)``."""
+    grid = rng.uniform(-1.0, 1.0, size=(cells + 1, cells + 1, channels))
+    gy = np.linspace(0.0, cells, height)
+    gx = np.linspace(0.0, cells, width)
+    y0 = np.minimum(gy.astype(int), cells - 1)
+    x0 = np.minimum(gx.astype(int), cells - 1)
+    fy = (gy - y0)[:, None, None]
+    fx = (gx - x0)[None, :, None]
+    top = grid[y0][:, x0] * (1 - fx) + grid[y0][:, x0 + 1] * fx
+    bottom = grid[y0 + 1][:, x0] * (1 - fx) + grid[y0 + 1][:, x0 + 1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    """Round and clip a float image to ``uint8``."""
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def is_nonempty_dir(path: Path) -> bool:
+    """Whether ``path`` is a folder with something in it."""
+    return path.is_dir() and any(path.iterdir())
+
+
+@contextmanager
+def atomic_dir(target: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a fresh temporary folder next to ``target`` and move it to ``target`` on success.
+
+    Raises ``FileExistsError`` before anything is written when ``target`` exists and is not an empty
+    folder, unless ``overwrite`` is true.  On an error the temporary folder is removed.
+    """
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f'{target} exists and is not a folder')
+    if is_nonempty_dir(target) and not overwrite:
+        raise FileExistsError(f'{target} exists and is not empty; pass --force (overwrite=True) to replace it')
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{target.name}.tmp-', dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def progress(desc: str, total: int, verbose: bool) -> Iterator[Callable[[], None]]:
+    """Yield a function to call once per written image.
+
+    Silent unless ``verbose``.  Then, on a terminal, mmengine's
+    :class:`ProgressBar` runs on stderr while the images are written; at the
+    end one line names the finished split (mmengine's current logger), the
+    only output in a log file.
+    """
+    if not verbose:
+        yield lambda: None
+        return
+    bar = ProgressBar(total, file=sys.stderr) if total and sys.stderr.isatty() else None
+    try:
+        yield (lambda: bar.update()) if bar is not None else (lambda: None)
+    finally:
+        if bar is not None:
+            sys.stderr.write('\n')
+    print_log(f'{desc}: {total} images', logger='current')

@@ -1,0 +1,93 @@
+"""Write the small synthetic COCO-format and Cityscapes-format data sets (deterministic for a given seed).
+
+    python tools/misc/make_toy_data.py --out data/toy [--seed 0] [--coco-train 48 --coco-val 16 --coco-size 160]
+        [--city-train 24 --city-val 8 --city-size 128x256] [--only coco|cityscapes] [--force]
+
+The sets and their layout are described in :mod:`orepa_mm.toy_data`, whose
+``make_coco`` and ``make_cityscapes`` other code calls directly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+from orepa_mm.cli import EXIT_STATUS_HELP, ToolError, log, tool_main
+from orepa_mm.toy_data import is_nonempty_dir, make_cityscapes, make_coco
+
+PROG = 'make_toy_data'
+
+
+def parse_hw(text: str) -> Tuple[int, int]:
+    """Parse ``HxW`` (e.g. ``128x256``) into ``(height, width)``."""
+    try:
+        h, w = (int(v) for v in text.lower().split('x'))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f'expected HEIGHTxWIDTH such as 128x256, got {text!r}') from err
+    return h, w
+
+
+def non_negative(text: str) -> int:
+    """Parse a non-negative integer."""
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f'expected a non-negative integer, got {text!r}') from err
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'expected a non-negative integer, got {text!r}')
+    return value
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command-line options (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n\n')[0], epilog=EXIT_STATUS_HELP)
+    parser.add_argument('--out', default='data/toy', help='output folder (default: data/toy)')
+    parser.add_argument('--seed', type=non_negative, default=0, help='random seed (default: 0)')
+    parser.add_argument('--coco-train', type=non_negative, default=48, help='COCO training images (48)')
+    parser.add_argument('--coco-val', type=non_negative, default=16, help='COCO validation images (16)')
+    parser.add_argument('--coco-size', type=int, default=160, help='side of the square COCO images (160)')
+    parser.add_argument('--city-train', type=non_negative, default=24, help='Cityscapes training images (24)')
+    parser.add_argument('--city-val', type=non_negative, default=8, help='Cityscapes validation images (8)')
+    parser.add_argument('--city-size', type=parse_hw, default=(128, 256),
+                        help='Cityscapes image size HEIGHTxWIDTH (128x256)')
+    parser.add_argument('--only', choices=('coco', 'cityscapes'), help='write only one of the two sets')
+    parser.add_argument('--force', action='store_true', help='replace existing non-empty output folders')
+    return parser.parse_args(argv)
+
+
+@tool_main(PROG)
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Write the sets that ``argv`` asks for; nothing when an output folder is in the way."""
+    args = parse_args(argv)
+    out = Path(args.out)
+    targets = {'coco': out / 'coco', 'cityscapes': out / 'cityscapes'}
+    wanted = [args.only] if args.only else ['coco', 'cityscapes']
+    if not args.force:
+        busy = [str(targets[name]) for name in wanted if targets[name].exists()
+                and (not targets[name].is_dir() or is_nonempty_dir(targets[name]))]
+        if busy:
+            raise ToolError(f'output folder(s) already exist and are not empty: {", ".join(busy)}; '
+                            'pass --force to replace them')
+    start = time.perf_counter()
+    summary = []
+    try:
+        if 'coco' in wanted:
+            paths = make_coco(targets['coco'], args.coco_train, args.coco_val, args.coco_size, args.seed,
+                              overwrite=args.force, verbose=True)
+            num_instances = [len(json.loads(paths[key].read_text())['annotations'])
+                             for key in ('train_ann_file', 'val_ann_file')]
+            summary.append(f'coco {args.coco_train}+{args.coco_val} images '
+                           f'({num_instances[0]}+{num_instances[1]} instances) in {paths["root"]}')
+        if 'cityscapes' in wanted:
+            paths = make_cityscapes(targets['cityscapes'], args.city_train, args.city_val, args.city_size,
+                                    args.seed, overwrite=args.force, verbose=True)
+            summary.append(f'cityscapes {args.city_train}+{args.city_val} images in {paths["root"]}')
+    except (FileExistsError, ValueError) as err:
+        raise ToolError(str(err)) from err
+    log(f'{PROG}: seed {args.seed}: {"; ".join(summary)} ({time.perf_counter() - start:.1f} s)')
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
