@@ -142,7 +142,7 @@ def test_stacked_kernel_is_the_kernel_of_the_stack(groups: int, dilation: int) -
     check_against_reference(layer, x, lambda t: stacked_reference(t, layer.branches, dilation, 2 * dilation))
 
 
-# -- 3. the custom autograd Function ------------------------------------------
+# -- 3. the training path: kernels from batched generation (one autograd node per group) --
 GRAD_CASES = {
     'all': ((), True),
     'frozen_scales_and_origin': (('branch_scales', 'weight_origin'), True),
@@ -168,7 +168,7 @@ def test_online_kernel_gradients_match_autograd(k: int, padding_mode: str, case:
     ref = conv_with_generated_kernel(twin, x2)
     assert_rel_close(out, ref, TOL[torch.float64], 'output')
     branch_grads = any(p.requires_grad for p in layer.branches.parameters())
-    assert any('OnlineKernel' in n for n in graph_names(out)) == branch_grads, graph_names(out)
+    assert any('GroupGenerate' in n for n in graph_names(out)) == branch_grads, graph_names(out)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
     ref.backward(grad_out)

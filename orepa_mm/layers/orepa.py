@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .. import kernels as K
 from .base import IntOrPair, ReparamConv2d
+from .batched_generation import training_kernel
 
 __all__ = ['OREPAConv2d', 'KernelGenerator', 'OREPA1x1Branches', 'OREPAKxKBranches', 'OREPAStackedBranches']
 
@@ -145,6 +146,8 @@ class KernelGenerator(nn.Module):
         # The kernel is a weight: generated in the parameters' dtype, like
         # nn.Conv2d's, whatever autocast then does to the conv.
         with torch.autocast(params[0].device.type, enabled=False):
+            if torch.compiler.is_compiling():  # the plain formula: dynamo traces it like any other ops
+                return self.reference_kernel()
             if torch.is_grad_enabled() and any(p.requires_grad for p in params):
                 return _GeneratedKernel.apply(self, *params)
             return self.generate()
@@ -470,61 +473,17 @@ class OREPAStackedBranches(KernelGenerator):
             for layer in self.stack:
                 layer.reset_parameters()
 
-    def reference_kernel(self) -> Tensor:
+    def reference_kernel(self, sub_kernel: Optional[Callable[[nn.Module], Tensor]] = None) -> Tensor:
+        """The kernel; ``sub_kernel(generator)`` gives the stacked 3x3 kernels (default: their own forward)."""
         v = self.branch_scales
-        stacked = K.compose_stack([layer() for layer in self.stack], self.groups)
+        stacked = K.compose_stack([sub_kernel(layer) if sub_kernel else layer() for layer in self.stack],
+                                  self.groups)
         return K.scale_out_channels(self.weight_origin, v[0]) + K.scale_out_channels(stacked, v[1])
 
     def plain_state(self, weight: Tensor) -> Dict[str, Tensor]:
         scales = torch.zeros_like(self.branch_scales)
         scales[0] = 1
         return {'weight_origin': weight, 'branch_scales': scales}
-
-
-class _OnlineKernelConv(torch.autograd.Function):
-    """conv2d with a kernel generated from branch parameters, keeping only the
-    input and the parameters for backward.
-
-    The generated kernel is recomputed in backward (its cost does not depend
-    on the feature map) and the branch gradients come from the generator's
-    analytic ``kernel_backward``, so activation memory is that of a plain
-    conv and no autograd graph is built for the generation.  Under autocast
-    the conv runs in the autocast dtype, like ``nn.Conv2d``; the kernel is
-    generated in the parameters' dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, layer: 'OREPAConv2d', padding: Tuple[int, int], *params: Tensor) -> Tensor:
-        device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        with torch.autocast(device_type, enabled=False):
-            kernel = layer.branches.generate(scratch=True)
-            if dtype is not None:
-                x, kernel = x.to(dtype), kernel.to(dtype)
-            elif kernel.dtype != x.dtype:
-                kernel = kernel.to(x.dtype)
-            out = F.conv2d(x, kernel, None, layer.stride, padding, layer.dilation, layer.groups)
-        ctx.layer, ctx.padding = layer, padding
-        # backward regenerates the kernel from the layer's parameters; saving them
-        # makes autograd refuse a backward after they were changed in place.
-        ctx.save_for_backward(x, *params)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        x, *_ = ctx.saved_tensors
-        layer = ctx.layer
-        need_x = ctx.needs_input_grad[0]
-        need_params = ctx.needs_input_grad[3:]
-        with torch.autocast(x.device.type, enabled=False):
-            kernel = layer.branches.generate(scratch=True).to(x.dtype)
-            grad_x, grad_kernel, _ = torch.ops.aten.convolution_backward(
-                grad_out.to(x.dtype), x, kernel, None, layer.stride, ctx.padding,
-                layer.dilation, False, [0, 0], layer.groups, [need_x, any(need_params), False])
-            del kernel
-            grads = layer.branches.parameter_grads(grad_kernel, need_params)
-        return (grad_x, None, None, *grads)
 
 
 class OREPAConv2d(ReparamConv2d):
@@ -613,12 +572,13 @@ class OREPAConv2d(ReparamConv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         x, padding = self._pad_input(x)
-        params = tuple(self.branches.parameters())
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            out = _OnlineKernelConv.apply(x, self, padding, *params)
-            if self.bias is not None:
-                out = out + self.bias.view(1, -1, 1, 1).to(out.dtype)
-            return out
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.branches.parameters()):
+            # Generated with the other layers of its shape (batched_generation);
+            # under torch.compile the generator's own formula, which dynamo traces.
+            kernel = self.branches() if torch.compiler.is_compiling() else training_kernel(self.branches)
+            if kernel.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+                kernel = kernel.to(x.dtype)
+            return F.conv2d(x, kernel, self.bias, self.stride, padding, self.dilation, self.groups)
         # No gradient for the branches (evaluation, frozen stages): the kernel
         # is a constant until a parameter changes.
         return F.conv2d(x, self._cached_kernel(), self.bias, self.stride, padding, self.dilation, self.groups)

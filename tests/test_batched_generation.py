@@ -1,0 +1,376 @@
+"""Kernel generation batched across same-shape layers (``orepa_mm.layers.batched_generation``).
+
+Every training-time use of OREPA layers must give exactly the gradients of the
+per-layer definition: each test runs the same model twice, once as shipped
+(batched groups) and once with every layer computing ``conv2d(x, kernel)``
+from its own generator (``per_layer``), in float64 unless it tests a
+precision, and compares outputs and parameter gradients relative to their
+own scale.  The operator count of a training step is the CI-stable proxy for
+launch overhead: it is exact and does not depend on the input size.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Callable, Dict, List
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from mmdet.models.backbones import ResNet
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import orepa_mm
+from orepa_mm.layers import OREPAConv2d
+
+REL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+# -- helpers -------------------------------------------------------------------------
+@pytest.fixture
+def per_layer(monkeypatch) -> Callable[[], None]:
+    """Call to switch OREPAConv2d to the per-layer definition for the rest of the test."""
+    def switch() -> None:
+        def forward(self, x):
+            x, padding = self._pad_input(x)
+            return F.conv2d(x, self.branches(), self.bias, self.stride, padding, self.dilation, self.groups)
+        monkeypatch.setattr(OREPAConv2d, 'forward', forward)
+    return switch
+
+
+def resnet(depth: int = 18, dtype=torch.float64, seed: int = 0, **kwargs) -> nn.Module:
+    """A slim mmdet ResNet with OREPA convs and every branch contributing."""
+    torch.manual_seed(seed)
+    model = ResNet(depth=depth, base_channels=8, conv_cfg=dict(type='OREPA'), norm_eval=False, **kwargs).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith('branch_scales'):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(('_first', '_second')):
+                p.add_(torch.randn_like(p) * 0.3)
+    model.train()
+    return model
+
+
+def loss_of(outputs) -> torch.Tensor:
+    outs = outputs if isinstance(outputs, (tuple, list)) else [outputs]
+    return sum((o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64).view_as(o)).sum() for o in outs)
+
+
+def grads(model: nn.Module) -> Dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = a.abs().max().item()
+    return (a - b).abs().max().item() / (scale or 1.0)
+
+
+def assert_same_grads(expected: Dict[str, torch.Tensor], got: Dict[str, torch.Tensor], tol: float) -> None:
+    assert expected.keys() == got.keys(), sorted(set(expected) ^ set(got))
+    worst = max((rel(expected[k], got[k]), k) for k in expected)
+    assert worst[0] <= tol, f'gradient of {worst[1]} differs by {worst[0]:.2e} (relative)'
+
+
+def run_both(build: Callable[[], nn.Module], step: Callable[[nn.Module], object], per_layer) -> tuple:
+    """(outputs, grads) of ``step`` on the shipped model and on the per-layer definition."""
+    model = build()
+    out = step(model)
+    got = grads(model)
+    per_layer()
+    reference = build()
+    ref_out = step(reference)
+    return (ref_out, grads(reference)), (out, got)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every ATen operator dispatched, views excluded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(model: nn.Module, size: int) -> int:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, foreach=True)
+    x = torch.randn(2, 3, size, size)
+
+    def step() -> None:
+        loss_of(model(x)).backward()
+        opt.step()
+        opt.zero_grad()
+    step()
+    step()
+    counter = OpCounter()
+    with counter:
+        step()
+    return counter.count
+
+
+# -- exactness of the training step ---------------------------------------------------
+def test_resnet_step_matches_per_layer_definition(per_layer):
+    x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+    (ref_out, ref), (out, got) = run_both(lambda: resnet(50), lambda m: loss_of(m(x)).backward() or m(x),
+                                          per_layer)
+    assert_same_grads(ref, got, REL[torch.float64])
+    assert len(got) == len(list(resnet(50).parameters()))
+
+
+def test_steps_with_an_optimizer_stay_exact(per_layer):
+    """Several optimizer steps: the packed parameters are updated in place
+    and every step regenerates from the new values."""
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+
+    def three_steps(model: nn.Module) -> torch.Tensor:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        for _ in range(3):
+            loss_of(model(x)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        loss_of(model(x)).backward()
+        return model(x)[-1]
+    (ref_out, ref), (out, got) = run_both(resnet, three_steps, per_layer)
+    assert rel(ref_out, out) <= REL[torch.float64]
+    assert_same_grads(ref, got, REL[torch.float64])
+
+
+def test_optimizer_sees_ordinary_per_layer_parameters():
+    model = resnet()
+    before = [(n, p, tuple(p.shape)) for n, p in model.named_parameters()]
+    keys = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    loss_of(model(torch.randn(2, 3, 32, 32, dtype=torch.float64))).backward()
+    after = [(n, p, tuple(p.shape)) for n, p in model.named_parameters()]
+    assert [(n, id(p), s) for n, p, s in before] == [(n, id(p), s) for n, p, s in after]
+    assert all(isinstance(p, nn.Parameter) and p.is_leaf and p.grad is not None for _, p, _ in after)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == keys
+    # Each parameter steps on its own: a value written into one layer changes that layer only.
+    conv = model.layer1[0].conv1
+    other = model.layer1[1].conv1
+    kept = other.branches.weight_origin.detach().clone()
+    with torch.no_grad():
+        conv.branches.weight_origin.add_(1.0)
+    assert torch.equal(other.branches.weight_origin, kept)
+
+
+def test_gradient_accumulation(per_layer):
+    x1, x2 = (torch.randn(2, 3, 32, 32, dtype=torch.float64) for _ in range(2))
+
+    def accumulate(model: nn.Module) -> None:
+        loss_of(model(x1)).backward()
+        loss_of(model(x2)).backward()
+    (_, ref), (_, got) = run_both(resnet, accumulate, per_layer)
+    assert_same_grads(ref, got, REL[torch.float64])
+
+
+def test_two_forwards_then_one_backward(per_layer):
+    x1, x2 = (torch.randn(2, 3, 32, 32, dtype=torch.float64) for _ in range(2))
+    (_, ref), (_, got) = run_both(resnet, lambda m: (loss_of(m(x1)) + 2 * loss_of(m(x2))).backward(), per_layer)
+    assert_same_grads(ref, got, REL[torch.float64])
+
+
+class SharedHead(nn.Module):
+    """A conv applied to several levels (RetinaNet's head), a layer never reached, a bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.convs = nn.ModuleList(OREPAConv2d(6, 6, 3, padding=1, bias=True) for _ in range(3))
+        self.unused = OREPAConv2d(6, 6, 3, padding=1)
+        self.point = OREPAConv2d(6, 4, 1)
+        for p in self.parameters():
+            p.data.add_(torch.randn_like(p) * 0.1)
+
+    def forward(self, levels: List[torch.Tensor]) -> List[torch.Tensor]:
+        outs = []
+        for x in levels:
+            for conv in self.convs:
+                x = torch.relu(conv(x))
+            outs.append(self.point(x))
+        return outs
+
+
+def test_conv_shared_across_levels_and_unreached_layer(per_layer):
+    levels = [torch.randn(2, 6, s, s, dtype=torch.float64) for s in (16, 8, 4, 2, 1)]
+    (_, ref), (_, got) = run_both(lambda: SharedHead().double(), lambda m: loss_of(m(levels)).backward(), per_layer)
+    assert_same_grads(ref, got, REL[torch.float64])
+    assert not any(k.startswith('unused.') for k in got), 'a layer not reached got gradients'
+
+
+def test_frozen_stages_and_partly_frozen_layers(per_layer):
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+
+    def build() -> nn.Module:
+        model = resnet(frozen_stages=1)
+        model.layer2[0].conv1.branches.branch_scales.requires_grad_(False)
+        return model
+    (_, ref), (_, got) = run_both(build, lambda m: loss_of(m(x)).backward(), per_layer)
+    assert_same_grads(ref, got, REL[torch.float64])
+    assert not any(k.startswith(('conv1.', 'layer1.')) for k in got)
+    assert 'layer2.0.conv1.branches.branch_scales' not in got
+
+
+@pytest.mark.parametrize('reentrant', [True, False])
+def test_with_cp(per_layer, monkeypatch, reentrant):
+    import torch.utils.checkpoint as cp
+    original = cp.checkpoint
+    monkeypatch.setattr(cp, 'checkpoint', lambda fn, *a, **kw: original(fn, *a, use_reentrant=reentrant))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    (_, ref), (_, got) = run_both(lambda: resnet(with_cp=True), lambda m: loss_of(m(x)).backward(), per_layer)
+    assert_same_grads(ref, got, REL[torch.float64])
+
+
+def test_two_models_in_one_process(per_layer):
+    """A student with an EMA copy (frozen) and a teacher (no grad), and two
+    models trained together: each gets exactly its own gradients."""
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+
+    def step(pair) -> None:
+        student, other = pair
+        ema = copy.deepcopy(student).requires_grad_(False)
+        ema.eval()
+        with torch.no_grad():
+            teacher_out = ema(x)[-1]
+        loss = loss_of(student(x)) + loss_of(other(x * 0.5)) + (student(x)[-1] * teacher_out).sum()
+        loss.backward()
+        assert all(p.grad is None for p in ema.parameters())
+    build = lambda: nn.ModuleList([resnet(seed=1), resnet(seed=2)])  # noqa: E731
+    (_, ref), (_, got) = run_both(build, step, per_layer)
+    assert_same_grads(ref, got, REL[torch.float64])
+
+
+def small_net(dtype=torch.float64) -> nn.Module:
+    """Every generator kind (7x7 stacked, 3x3 twice, 1x1) with BNs, in eval-free training mode."""
+    torch.manual_seed(0)
+    layers = [OREPAConv2d(3, 8, 7, padding=3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+              OREPAConv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+              OREPAConv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(), OREPAConv2d(8, 4, 1)]
+    net = nn.Sequential(*layers).to(dtype)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith('branch_scales'):
+                p.uniform_(0.5, 1.5)
+    return net.train()
+
+
+def test_bf16_autocast_on_cpu(per_layer):
+    x = torch.randn(4, 3, 16, 16)
+
+    def step(model: nn.Module) -> torch.Tensor:
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = model(x)
+        loss_of(out).backward()
+        return out
+    (ref_out, ref), (out, got) = run_both(lambda: small_net(torch.float32), step, per_layer)
+    assert out.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in got.values())
+    # Both run their convs in bf16 from float32 kernels that differ in the
+    # last float32 bits, so a few kernel entries round to neighbouring bf16
+    # values: a few bf16 ULPs (2^-8 each) apart.
+    assert rel(ref_out.float(), out.float()) <= 3e-2
+    assert_same_grads(ref, got, 5e-2)
+
+
+def test_kernels_are_generated_in_float32_under_autocast():
+    from orepa_mm.layers.batched_generation import training_kernel
+    net = small_net(torch.float32)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        kernels = [training_kernel(m.branches) for m in net if isinstance(m, OREPAConv2d)]
+    assert all(k.dtype == torch.float32 and k.requires_grad for k in kernels)
+    for m, k in zip((m for m in net if isinstance(m, OREPAConv2d)), kernels):
+        assert rel(m.branches.reference_kernel().detach(), k.detach()) <= 1e-6
+
+
+def test_fuse_and_eval_after_training_steps():
+    model = resnet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for _ in range(2):
+        loss_of(model(x)).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    fused = orepa_mm.fuse_model(model)
+    with torch.no_grad():
+        for a, b in zip(model(x), fused(x)):
+            assert rel(a, b) <= REL[torch.float64]
+
+
+def test_dtype_change_between_steps(per_layer):
+    """``.float()`` after packing: the next step packs again in the new dtype."""
+    x = torch.randn(2, 3, 32, 32)
+
+    def step(model: nn.Module) -> None:
+        loss_of(model(x.double())).backward()
+        model.zero_grad()
+        model.float()
+        loss_of(model(x)).backward()
+    (_, ref), (_, got) = run_both(resnet, step, per_layer)
+    assert_same_grads(ref, got, REL[torch.float32])
+
+
+def test_torch_compile_matches_eager():
+    """``torch.compile`` of a model with OREPA layers (mmengine's ``compile=True``)."""
+    model = small_net()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    eager_out = model(x)
+    loss_of(eager_out).backward()
+    eager = grads(model)
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model)
+    out = compiled(x)
+    loss_of(out).backward()
+    assert rel(eager_out, out) <= 1e-9
+    assert_same_grads(eager, grads(model), 1e-9)
+
+
+# -- the operator count -----------------------------------------------------------------
+def test_operators_per_step_do_not_grow_with_depth():
+    """ResNet-50 (53 OREPA layers in about 20 shape groups): the step's
+    operator count is a bounded multiple of the plain model's, and the same
+    at two input sizes."""
+    torch.manual_seed(0)
+    plain = ResNet(depth=50, base_channels=8)
+    orepa = ResNet(depth=50, base_channels=8, conv_cfg=dict(type='OREPA'))
+    plain.train()
+    orepa.train()
+    n_plain, n_orepa = ops_per_step(plain, 32), ops_per_step(orepa, 32)
+    assert ops_per_step(orepa, 48) == n_orepa
+    assert n_orepa / n_plain <= 2.5, f'{n_orepa} vs {n_plain} operators per step'
+
+
+# -- DDP ---------------------------------------------------------------------------------
+def _ddp_worker(rank: int, world: int, port: int, path: str) -> None:
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = nn.parallel.DistributedDataParallel(resnet())
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    loss_of(model(x[2 * rank:2 * rank + 2])).backward()
+    if rank == 0:
+        torch.save(grads(model.module), path)
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one(tmp_path, per_layer):
+    path = str(tmp_path / 'ddp_grads.pt')
+    mp.start_processes(_ddp_worker, args=(2, 29531, path), nprocs=2, join=True, start_method='spawn')
+    got = torch.load(path)
+    per_layer()
+    model = resnet()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    halves = []
+    for i in range(2):
+        model.zero_grad(set_to_none=True)
+        loss_of(model(x[2 * i:2 * i + 2])).backward()
+        halves.append(grads(model))
+    expected = {k: (halves[0][k] + halves[1][k]) / 2 for k in halves[0]}
+    assert_same_grads(expected, got, 1e-9)
+
