@@ -16,4 +16,4 @@ lint: setup
 	$(PY) -m ruff check orepa_mm tools tests configs
 
 benchmark: setup
-	$(PY) tools/benchmark.py
+	$(PY) tools/analysis_tools/benchmark.py

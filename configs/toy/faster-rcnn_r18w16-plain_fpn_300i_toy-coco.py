@@ -1,5 +1,5 @@
 # Toy Faster R-CNN: a slim ResNet-18 (base width 16) FPN detector trained from
-# scratch on the toy COCO-format set (tools/make_toy_data.py), 160x160
+# scratch on the toy COCO-format set (orepa_mm/toy_data), 160x160
 # images, a few minutes on 2 CPU cores.  The OREPA and DBB variants inherit
 # this file and change only the backbone type.
 _base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
@@ -7,7 +7,7 @@ custom_imports = dict(imports=['orepa_mm'], allow_failed_imports=False)
 
 data_root = 'data/toy/coco/'
 # The toy set draws rectangles, ellipses and triangles under the first three COCO
-# category names (see tools/make_toy_data.py).
+# category names (see orepa_mm/toy_data).
 metainfo = dict(classes=('person', 'bicycle', 'car'), palette=[(220, 20, 60), (119, 11, 32), (0, 0, 142)])
 img_scale = (160, 160)
 width = 16

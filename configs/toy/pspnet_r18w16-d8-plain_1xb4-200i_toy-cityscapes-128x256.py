@@ -1,5 +1,5 @@
 # Toy PSPNet: a slim dilated ResNetV1c-18 (base width 32) trained from scratch
-# on the toy Cityscapes-format set (tools/make_toy_data.py), 128x256 images,
+# on the toy Cityscapes-format set (orepa_mm/toy_data), 128x256 images,
 # BN instead of SyncBN so that it runs in one CPU process.
 _base_ = 'mmseg::pspnet/pspnet_r50-d8_4xb2-80k_cityscapes-512x1024.py'
 custom_imports = dict(imports=['orepa_mm'], allow_failed_imports=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import weakref
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -46,8 +46,10 @@ class SavedTensorCounter:
         loss.backward()
     """
 
-    def __init__(self, exclude: Iterable[Tensor] = ()) -> None:
-        self._excluded = {_storage_key(t) for t in exclude}
+    def __init__(self, exclude: Union[Iterable[Tensor], Callable[[], Iterable[Tensor]]] = ()) -> None:
+        # A callable is read on exit: a model may move its parameters' data
+        # during the forward (OREPA packs same-shape layers on first use).
+        self._exclude = exclude
         self._saved: List[weakref.ReferenceType] = []
         self._hooks: Optional[contextlib.AbstractContextManager] = None
         self.nbytes = 0
@@ -80,6 +82,8 @@ class SavedTensorCounter:
         assert self._hooks is not None
         self._hooks.__exit__(*exc)
         self._hooks = None
+        exclude = self._exclude() if callable(self._exclude) else self._exclude
+        excluded = {_storage_key(t) for t in exclude}
         storages: Dict[Tuple[str, int], int] = {}
         for ref in self._saved:
             t = ref()
@@ -89,7 +93,7 @@ class SavedTensorCounter:
                 key, size = _storage_key(t), t.untyped_storage().nbytes()
             except (RuntimeError, NotImplementedError):  # no plain storage (sparse, wrapper subclasses)
                 key, size = ('id', id(t)), t.numel() * t.element_size()
-            if key not in self._excluded:
+            if key not in excluded:
                 storages[key] = size
         self._saved.clear()
         self.nbytes = sum(storages.values())

@@ -93,7 +93,7 @@ class Trainee:
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
         torch.manual_seed(self.workload.seed)
-        with SavedTensorCounter(model_tensors(self.model)) as counter:
+        with SavedTensorCounter(lambda: model_tensors(self.model)) as counter:
             loss = self.forward_loss()
         self.backward_step(loss)
         self.last_loss = loss.item()
@@ -225,9 +225,10 @@ def measure_workload(workload: Workload, settings: RunSettings) -> Dict[str, Dic
         for t in trainees}
 
     # The counts are taken in the last warm-up step, or in an extra untimed
-    # step without one.  On CUDA not in the very first step: that one also
-    # allocates the momentum buffers and the library workspaces.
-    counts_in_warmup = settings.warmup >= (2 if device.type == 'cuda' else 1)
+    # step, never in the very first step: that one also allocates the
+    # momentum buffers and the library workspaces, and OREPA forms its groups
+    # of same-shape layers in it (each new member regenerates its group).
+    counts_in_warmup = settings.warmup >= 2
     steps = settings.warmup if counts_in_warmup else settings.warmup + 1
     for w in range(steps):
         for t in trainees:
