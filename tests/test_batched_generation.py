@@ -6,12 +6,15 @@ per-layer definition: each test runs the same model twice, once as shipped
 from its own generator (``per_layer``), in float64 unless it tests a
 precision, and compares outputs and parameter gradients relative to their
 own scale.  The operator count of a training step is the CI-stable proxy for
-launch overhead: it is exact and does not depend on the input size.
+launch overhead: it is exact and does not depend on the input size
+(counted with the benchmark tool's counter, views apart).
 """
 from __future__ import annotations
 
 import copy
 import os
+import sys
+from pathlib import Path
 from typing import Callable, Dict, List
 
 import pytest
@@ -20,10 +23,15 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from mmdet.models.backbones import ResNet
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import orepa_mm
 from orepa_mm.layers import OREPAConv2d
+
+# The benchmark's operator counter: the figure the README reports.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tools' / 'analysis_tools'))
+from benchmark_lib import counters  # noqa: E402
+
+from conftest import REPORT  # noqa: E402
 
 REL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -85,19 +93,6 @@ def run_both(build: Callable[[], nn.Module], step: Callable[[nn.Module], object]
     return (ref_out, grads(reference)), (out, got)
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts every ATen operator dispatched, views excluded."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def ops_per_step(model: nn.Module, size: int) -> int:
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, foreach=True)
     x = torch.randn(2, 3, size, size)
@@ -108,10 +103,8 @@ def ops_per_step(model: nn.Module, size: int) -> int:
         opt.zero_grad()
     step()
     step()
-    counter = OpCounter()
-    with counter:
-        step()
-    return counter.count
+    counter, _ = counters.count_ops(step)
+    return counter.total
 
 
 # -- exactness of the training step ---------------------------------------------------
@@ -342,6 +335,7 @@ def test_operators_per_step_do_not_grow_with_depth():
     orepa.train()
     n_plain, n_orepa = ops_per_step(plain, 32), ops_per_step(orepa, 32)
     assert ops_per_step(orepa, 48) == n_orepa
+    REPORT['operators per ResNet-50 training step, plain / OREPA'] = f'{n_plain} / {n_orepa} ({n_orepa / n_plain:.2f}x)'
     assert n_orepa / n_plain <= 2.5, f'{n_orepa} vs {n_plain} operators per step'
 
 
