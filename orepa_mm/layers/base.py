@@ -1,9 +1,10 @@
 """What every re-parameterizable conv of orepa_mm shares: the ``nn.Conv2d``
 argument surface (so mmcv's ``build_conv_layer`` and ``ConvModule`` take it),
-argument checks, and conversion to a plain ``nn.Conv2d``."""
+argument checks, conversion to a plain ``nn.Conv2d``, and constant buffers
+that follow the parameters' dtype and device (:class:`ConstantBuffers`)."""
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -13,6 +14,53 @@ from torch.nn.modules.utils import _pair
 
 IntOrPair = Union[int, Tuple[int, int]]
 PADDING_MODES = ('zeros', 'reflect', 'replicate', 'circular')
+
+
+class ConstantBuffers(nn.Module):
+    """Mixin for modules whose constant buffers are a formula of (dtype, device).
+
+    The average-pooling box, OREPA's frequency prior, identity matrices...
+    are not learned and not saved; they must nevertheless match the
+    parameters' dtype and device, or the first forward fails (a float32
+    constant against float64 parameters) or loses precision (a float32 box
+    widened to float64 is ``1/9`` to float32 precision only).  A subclass
+    returns its constants from :meth:`constant_buffers`; the mixin registers
+    them as non-persistent buffers when :meth:`build_constants` is called at
+    the end of ``__init__`` (in the dtype and device the parameters were
+    created with: default dtype, ``torch.device`` context, ``dtype=`` /
+    ``device=`` arguments) and computes them again from the formula whenever
+    ``.to()``, ``.double()``, ``.half()``, ``.cuda()``, ``to_empty()``...
+    change the parameters' dtype or device, instead of casting the old values.
+    """
+
+    def constant_buffers(self, dtype: torch.dtype, device: torch.device) -> Dict[str, Tensor]:
+        """The constants by buffer name, computed in ``dtype`` on ``device``."""
+        raise NotImplementedError
+
+    def _constants_follow(self) -> Optional[Tensor]:
+        """The tensor whose dtype and device the constants take: the first
+        floating-point parameter (every parameter of these modules shares them)."""
+        return next((p for p in self.parameters() if p.is_floating_point()), None)
+
+    def build_constants(self) -> None:
+        """(Re)compute the constants in the parameters' dtype and on their device."""
+        like = self._constants_follow()
+        dtype, device = (like.dtype, like.device) if like is not None else (torch.get_default_dtype(), None)
+        for name, value in self.constant_buffers(dtype, device).items():
+            if name in self._buffers:
+                self._buffers[name] = value
+            else:
+                self.register_buffer(name, value, persistent=False)
+        self._constants_built_for = (dtype, device)
+
+    def _apply(self, fn, *args, **kwargs):
+        # nn.Module routes every dtype/device conversion through _apply; the
+        # constants were just converted with the rest, rebuild them exactly.
+        result = super()._apply(fn, *args, **kwargs)
+        like = self._constants_follow()
+        if like is not None and (like.dtype, like.device) != getattr(self, '_constants_built_for', None):
+            self.build_constants()
+        return result
 
 
 class ReparamConv2d(nn.Module):

@@ -6,7 +6,7 @@ the branch count; after training the block fuses into one conv + bias.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import kernels as K
-from .base import IntOrPair, ReparamConv2d
+from .base import ConstantBuffers, IntOrPair, ReparamConv2d
 
 __all__ = ['DBBConv2d']
 
@@ -23,7 +23,7 @@ def _fold(kernel: Tensor, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
     return K.fold_bn(kernel, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
 
 
-class DBBConv2d(ReparamConv2d):
+class DBBConv2d(ConstantBuffers, ReparamConv2d):
     """Drop-in ``nn.Conv2d`` trained as a Diverse Branch Block.
 
     Branches, each ending in its own BN and summed:
@@ -54,29 +54,25 @@ class DBBConv2d(ReparamConv2d):
             self.bn_1x1 = bn()
             self.weight_avg = nn.Parameter(torch.empty(out_channels, in_g, 1, 1))
             self.bn_avg = bn()
-            self.register_buffer('avg_window', self._avg_window(torch.float32), persistent=False)
         self.weight_1x1_kxk_first = nn.Parameter(torch.empty(internal, in_g, 1, 1))
         self.weight_1x1_kxk_second = nn.Parameter(torch.empty(out_channels, internal // groups, k, k))
         self.bn_1x1_kxk = bn()
-        self.register_buffer('identity_1x1_kxk', K.grouped_identity(internal, in_g)[:, :, None, None],
-                             persistent=False)
+        self.internal = internal
+        self.build_constants()
         self.reset_parameters()
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
-    def _avg_window(self, dtype: torch.dtype, device: Optional[torch.device] = None) -> Tensor:
+    def constant_buffers(self, dtype: torch.dtype, device: torch.device) -> Dict[str, Tensor]:
+        """``avg_window``: the k x k box ``1 / k^2`` as a depthwise kernel;
+        ``identity_1x1_kxk``: the identity part of the 1x1-kxk branch's first conv."""
         k = self.kernel_size[0]
-        window = K.box_kernel(k, torch.float64).expand(self.out_channels, 1, k, k)
-        self._built_for = dtype
-        return window.to(dtype=dtype, device=device).contiguous()
-
-    def _apply(self, fn, *args, **kwargs):
-        # Rebuild the box from its formula after a dtype change (exact 1/k^2).
-        super()._apply(fn, *args, **kwargs)
-        window = getattr(self, 'avg_window', None)
-        if window is not None and self._built_for != self.weight_kxk.dtype:
-            self.avg_window = self._avg_window(self.weight_kxk.dtype, self.weight_kxk.device)
-        return self
+        identity = K.grouped_identity(self.internal, self.in_channels // self.groups, dtype, device)
+        constants = {'identity_1x1_kxk': identity[:, :, None, None]}
+        if k > 1:
+            window = K.box_kernel(k, torch.float64).expand(self.out_channels, 1, k, k)
+            constants['avg_window'] = window.to(dtype=dtype, device=device).contiguous()
+        return constants
 
     def reset_parameters(self) -> None:
         with torch.no_grad():

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import kernels as K
-from .base import IntOrPair, ReparamConv2d
-from .batched_generation import training_kernel
+from .base import ConstantBuffers, IntOrPair, ReparamConv2d
+from .batched_generation import training_conv
 
 __all__ = ['OREPAConv2d', 'KernelGenerator', 'OREPA1x1Branches', 'OREPAKxKBranches', 'OREPAStackedBranches']
 
@@ -109,10 +109,10 @@ class KernelGenerator(nn.Module):
       tests hold the fast path to it.
     * ``generate()`` / ``kernel_backward(grad)``: the same kernel and its
       parameter gradients computed by hand, with few large GEMMs, in-place
-      accumulation and no autograd graph.  The generation runs once per layer
-      per training step (twice with the recomputation in backward) and does
-      not shrink with the batch, so its elementwise passes matter at small
-      batches.
+      accumulation and no autograd graph.  In training they run once per
+      step for a whole group of same-shape layers, on a generator ``n``
+      times as wide (:mod:`orepa_mm.layers.batched_generation`), so that the
+      operator count of a step does not grow with the depth.
 
     The default ``generate``/``kernel_backward`` fall back to the reference.
     """
@@ -234,7 +234,7 @@ class OREPA1x1Branches(KernelGenerator):
         return {'weight_origin': K.as_matrix(weight), 'branch_scales': scales}
 
 
-class OREPAKxKBranches(KernelGenerator):
+class OREPAKxKBranches(ConstantBuffers, KernelGenerator):
     """The six-branch OREPA block for an odd ``k >= 3``.
 
     Per output channel ``o`` (``v = branch_scales``, initial values in brackets):
@@ -268,33 +268,27 @@ class OREPAKxKBranches(KernelGenerator):
         self.weight_dw = nn.Parameter(torch.empty(self.EXPAND * in_channels, 1, k, k))
         self.weight_pw = nn.Parameter(torch.empty(out_channels, self.EXPAND * in_g))
         self.branch_scales = nn.Parameter(torch.empty(6, out_channels))
-        # Constant buffers, built once and not saved: avg box, frequency prior
-        # and centre tap stacked so that the three "1x1 kernel times a fixed
-        # k x k pattern" branches are a single einsum.
         self.internal = internal
-        self.register_buffer('spatial_patterns', self._patterns(torch.float32), persistent=False)
-        self.register_buffer('identity_1x1_kxk', K.grouped_identity(internal, in_g), persistent=False)
+        self.build_constants()
         self.reset_parameters()
 
     INIT_SCALES = (0.25, 0.25, 0.0, 0.5, 1.0, 0.5)
 
-    def _patterns(self, dtype: torch.dtype, device: Optional[torch.device] = None) -> Tensor:
+    def constant_buffers(self, dtype: torch.dtype, device: torch.device) -> Dict[str, Tensor]:
+        """``spatial_patterns``: the avg box, the frequency prior and the centre
+        tap stacked as ``(out, 3, k*k)``, so that the three "1x1 kernel times
+        a fixed k x k pattern" branches are a single product;
+        ``identity_1x1_kxk``: the identity part of the 1x1-kxk branch's first
+        factor.  Computed in float64, rounded once to ``dtype``."""
         o, k = self.out_channels, self.kernel_size
         centre = torch.zeros(k, k, dtype=torch.float64)
         centre[k // 2, k // 2] = 1
         patterns = torch.stack([K.box_kernel(k, torch.float64).expand(o, k, k),
                                 K.frequency_prior(o, k, torch.float64), centre.expand(o, k, k)], dim=1)
-        self._built_for = dtype
-        return patterns.flatten(2).to(dtype=dtype, device=device).contiguous()
-
-    def _apply(self, fn, *args, **kwargs):
-        # Rebuild the constants from their formulas after a dtype change, so
-        # that .double() gives float64-exact patterns, not widened float32.
-        super()._apply(fn, *args, **kwargs)
-        ref = self.weight_origin
-        if self._built_for != ref.dtype:  # the buffer itself was just cast: compare with what it was built in
-            self.spatial_patterns = self._patterns(ref.dtype, ref.device)
-        return self
+        return {
+            'spatial_patterns': patterns.flatten(2).to(dtype=dtype, device=device).contiguous(),
+            'identity_1x1_kxk': K.grouped_identity(self.internal, self.in_channels // self.groups, dtype, device),
+        }
 
     def reset_parameters(self, single_init: bool = False) -> None:
         with torch.no_grad():
@@ -500,7 +494,9 @@ class OREPAConv2d(ReparamConv2d):
     scale 1, other scales 0), which makes ``init_cfg=dict(type='Pretrained')``
     with an ImageNet ResNet start as that ResNet.
 
-    In eval/no-grad use the generated kernel is cached and reused until a
+    In training the kernel comes from one generation shared by every OREPA
+    layer of the same shape (:mod:`orepa_mm.layers.batched_generation`);
+    the parameters stay this layer's own.  In eval/no-grad use the generated kernel is cached and reused until a
     parameter changes (optimizer steps, ``load_state_dict``, any in-place op
     on a parameter, moving the module) or ``train()``/``eval()`` is called,
     so unfused evaluation costs one plain conv.  Writes through ``p.data``
@@ -573,12 +569,9 @@ class OREPAConv2d(ReparamConv2d):
     def forward(self, x: Tensor) -> Tensor:
         x, padding = self._pad_input(x)
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.branches.parameters()):
-            # Generated with the other layers of its shape (batched_generation);
-            # under torch.compile the generator's own formula, which dynamo traces.
-            kernel = self.branches() if torch.compiler.is_compiling() else training_kernel(self.branches)
-            if kernel.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-                kernel = kernel.to(x.dtype)
-            return F.conv2d(x, kernel, self.bias, self.stride, padding, self.dilation, self.groups)
+            if torch.compiler.is_compiling():  # the generator's formula, which dynamo traces
+                return F.conv2d(x, self.branches(), self.bias, self.stride, padding, self.dilation, self.groups)
+            return training_conv(self, x, padding)  # generated with the other layers of its shape
         # No gradient for the branches (evaluation, frozen stages): the kernel
         # is a constant until a parameter changes.
         return F.conv2d(x, self._cached_kernel(), self.bias, self.stride, padding, self.dilation, self.groups)
