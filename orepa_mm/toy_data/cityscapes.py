@@ -18,6 +18,7 @@ from .common import (
     PNG_COMPRESS_LEVEL,
     PathLike,
     atomic_dir,
+    check_split_args,
     ellipse_points,
     image_rng,
     polygon_mask,
@@ -231,13 +232,10 @@ def make_cityscapes(out_dir: PathLike, num_train: int = 24, num_val: int = 8,
     Returns:
         Paths ``root``, ``train_img_dir``, ``val_img_dir``, ``train_seg_dir`` and ``val_seg_dir``.
     """
-    if num_train < 0 or num_val < 0:
-        raise ValueError('image counts must be >= 0')
+    check_split_args(num_train, num_val, seed)
     h, w = (int(v) for v in size_hw)
     if h < 32 or w < 32:
         raise ValueError(f'size_hw must be at least 32x32, got {h}x{w}')
-    if seed < 0:
-        raise ValueError(f'seed must be >= 0, got {seed}')
     root = Path(out_dir)
     with atomic_dir(root, overwrite) as tmp:
         for split_idx, (split, num, cities) in enumerate((('train', num_train, CITY_TRAIN_CITIES),

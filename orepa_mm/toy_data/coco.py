@@ -25,6 +25,7 @@ from .common import (
     PathLike,
     Polygon,
     atomic_dir,
+    check_split_args,
     ellipse_points,
     image_rng,
     polygon_area,
@@ -236,12 +237,9 @@ def make_coco(out_dir: PathLike, num_train: int = 48, num_val: int = 16, size: i
     Returns:
         Paths ``root``, ``train_img_dir``, ``val_img_dir``, ``train_ann_file`` and ``val_ann_file``.
     """
-    if num_train < 0 or num_val < 0:
-        raise ValueError('image counts must be >= 0')
+    check_split_args(num_train, num_val, seed)
     if size < 32:
         raise ValueError(f'size must be at least 32 pixels, got {size}')
-    if seed < 0:
-        raise ValueError(f'seed must be >= 0, got {seed}')
     root = Path(out_dir)
     with atomic_dir(root, overwrite) as tmp:
         for split_idx, (split, num) in enumerate((('train2017', num_train), ('val2017', num_val))):

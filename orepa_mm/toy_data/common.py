@@ -77,6 +77,14 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
+def check_split_args(num_train: int, num_val: int, seed: int) -> None:
+    """The checks every generator makes on its image counts and seed."""
+    if num_train < 0 or num_val < 0:
+        raise ValueError('image counts must be >= 0')
+    if seed < 0:
+        raise ValueError(f'seed must be >= 0, got {seed}')
+
+
 def is_nonempty_dir(path: Path) -> bool:
     """Whether ``path`` is a folder with something in it."""
     return path.is_dir() and any(path.iterdir())

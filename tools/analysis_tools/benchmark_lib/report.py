@@ -10,7 +10,7 @@ import platform
 import shlex
 import subprocess
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -194,37 +194,40 @@ def workload_lines(report: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def _by_op_lines(report: Dict[str, Any], what: str, describe: Callable[[str, Dict[str, Any]], Optional[str]]
+                 ) -> List[str]:
+    """One line per workload: ``<name> <what>: `` and each variant's ``describe(variant, result)``."""
+    lines = []
+    for name, res in report['results'].items():
+        parts = [part for variant, result in res['variants'].items() if (part := describe(variant, result))]
+        if parts:
+            lines.append(f'{name} {what}: ' + '; '.join(parts))
+    return lines
+
+
 def flop_lines(report: Dict[str, Any]) -> List[str]:
     """GEMM and convolution FLOPs of one training step by operator: the
     floor under the step-time ratio (OREPA's extra FLOPs are its kernel
-    generation, the recomputation in backward included)."""
-    lines = []
-    for name, res in report['results'].items():
-        parts = []
-        for variant, result in res['variants'].items():
-            by_op = result.get('train_gflop_by_op')
-            if by_op:
-                ops = ', '.join(f'{op} {gflop:.1f}' for op, gflop in sorted(by_op.items(), key=lambda kv: -kv[1]))
-                parts.append(f'{variant} {result["train_gflop"]:.1f} ({ops})')
-        if parts:
-            lines.append(f'{name} GFLOP per training step: ' + '; '.join(parts))
-    return lines
+    generation, the 1x1 blocks' regeneration in backward included)."""
+    def describe(variant: str, result: Dict[str, Any]) -> Optional[str]:
+        by_op = result.get('train_gflop_by_op')
+        if not by_op:
+            return None
+        ops = ', '.join(f'{op} {gflop:.1f}' for op, gflop in sorted(by_op.items(), key=lambda kv: -kv[1]))
+        return f'{variant} {result["train_gflop"]:.1f} ({ops})'
+    return _by_op_lines(report, 'GFLOP per training step', describe)
 
 
 def op_lines(report: Dict[str, Any]) -> List[str]:
     """Operators dispatched per training step and the most frequent ones:
     the host-side work that no FLOP count shows."""
-    lines = []
-    for name, res in report['results'].items():
-        parts = []
-        for variant, result in res['variants'].items():
-            by_op = result.get('train_ops_by_op')
-            if by_op:
-                common = ', '.join(f'{op} {n}' for op, n in list(by_op.items())[:TOP_OPS])
-                parts.append(f'{variant} {result["train_ops"]:,} ({common}, ...)')
-        if parts:
-            lines.append(f'{name} ATen operators per training step (views excluded): ' + '; '.join(parts))
-    return lines
+    def describe(variant: str, result: Dict[str, Any]) -> Optional[str]:
+        by_op = result.get('train_ops_by_op')
+        if not by_op:
+            return None
+        common = ', '.join(f'{op} {n}' for op, n in list(by_op.items())[:TOP_OPS])
+        return f'{variant} {result["train_ops"]:,} ({common}, ...)'
+    return _by_op_lines(report, 'ATen operators per training step (views excluded)', describe)
 
 
 def text_table(header: List[str], rows: List[List[str]]) -> str:
