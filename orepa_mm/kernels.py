@@ -99,7 +99,8 @@ def frequency_prior(out_channels: int, kernel_size: int, dtype: torch.dtype = to
     Output channels ``o < out / 2`` vary along the height:
     ``cos(pi * (h + 0.5) * (o + 1) / k)``; the others along the width:
     ``cos(pi * (w + 0.5) * (o + 1 - out / 2) / k)``.  For ``k = 3`` this is the
-    reference code's basis, which it hard-codes to 3x3 (its defect 1).
+    reference code's basis, which its loops build for 3x3 only (other sizes
+    are left uninitialised or crash there; see ``docs/method.md``).
     """
     pos = (torch.arange(kernel_size, dtype=torch.float64) + 0.5) * math.pi / kernel_size
     o = torch.arange(out_channels, dtype=torch.float64)
@@ -173,8 +174,8 @@ def compose_kernels(first: Tensor, second: Tensor, groups: int = 1) -> Tensor:
     kernel is ``K[o, i](w) = sum_t sum_{u + v = w} K2[o, t](v) K1[t, i](u)``,
     a true convolution of the two kernels.  ``conv2d`` computes
     cross-correlations, so the second kernel is flipped; the reference code
-    omits the flip (its defect 5) and so does not produce the kernel of the
-    stacked convs.
+    omits the flip and so does not produce the kernel of the stacked convs
+    (``docs/method.md``).
     """
     b = second.shape[-1] - 1
     # Treat first's input-channel axis as the batch: (in_g, t, a, a).

@@ -8,17 +8,42 @@ each only when that framework is installed.
 """
 from __future__ import annotations
 
+from typing import Callable, Dict, Optional, Tuple
+
+import torch.nn as nn
 from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmengine.registry import Registry
+
+from .layers import DBBConv2d, OREPAConv2d
 
 #: orepa_mm's own model registry (scope ``orepa_mm``).
 MODELS = Registry('model', parent=MMENGINE_MODELS, scope='orepa_mm', locations=['orepa_mm'])
 
+#: Every ``conv_cfg`` type orepa_mm registers: name -> (family, builder).
+CONV_TYPES: Dict[str, Tuple[str, Callable[..., nn.Module]]] = {
+    'OREPA': ('OREPA', OREPAConv2d),
+    'OREPAConv2d': ('OREPA', OREPAConv2d),
+    'DBB': ('DBB', DBBConv2d),
+    'DBBConv2d': ('DBB', DBBConv2d),
+}
+
+
+def reparam_conv_kind(conv_cfg: Optional[dict]) -> Optional[str]:
+    """'OREPA', 'DBB' or None for a ``conv_cfg`` whose type is one of
+    :data:`CONV_TYPES` (a name, with or without the ``orepa_mm.`` prefix, or
+    the builder itself)."""
+    if not isinstance(conv_cfg, dict):
+        return None
+    t = conv_cfg.get('type')
+    if isinstance(t, str):
+        entry = CONV_TYPES.get(t.split('.')[-1])
+        return entry[0] if entry else None
+    return next((family for family, builder in CONV_TYPES.values() if builder is t), None)
+
 
 def register_conv_layers() -> None:
-    from .layers import DBBConv2d, OREPAConv2d
+    """Register :data:`CONV_TYPES` into mmengine's root ``MODELS`` and orepa_mm's."""
     for registry in (MMENGINE_MODELS, MODELS):
-        for name, cls in (('OREPA', OREPAConv2d), ('OREPAConv2d', OREPAConv2d),
-                          ('DBB', DBBConv2d), ('DBBConv2d', DBBConv2d)):
+        for name, (_, builder) in CONV_TYPES.items():
             if name not in registry.module_dict:
-                registry.register_module(name=name, module=cls)
+                registry.register_module(name=name, module=builder)

@@ -127,7 +127,7 @@ def conv_with_generated_kernel(layer: OREPAConv2d, x: Tensor) -> Tensor:
 
 
 def prior_basis(out_channels: int, k: int, dtype: torch.dtype) -> Tensor:
-    """PAPER.md's frequency prior, element by element: ``(out, k, k)``."""
+    """The frequency prior as ``docs/method.md`` states it, element by element: ``(out, k, k)``."""
     basis = torch.empty(out_channels, k, k, dtype=torch.float64)
     for o, h, w in itertools.product(range(out_channels), range(k), range(k)):
         if o < out_channels / 2:

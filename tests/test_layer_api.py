@@ -24,7 +24,15 @@ from numerics import (  # noqa: F401  (_one_thread, _seed: autouse fixtures)
     rel_err,
     settle_bn_,
 )
-from orepa_mm.layers import OREPAConv2d
+from orepa_mm.layers import (
+    LARGE_KERNEL_THRESHOLD,
+    OREPA1x1Branches,
+    OREPAConv2d,
+    OREPAKxKBranches,
+    OREPAStackedBranches,
+    branch_kind,
+    build_branches,
+)
 
 
 # -- 4. plain checkpoints -----------------------------------------------------------
@@ -77,6 +85,36 @@ def test_single_init_starts_as_the_origin_conv(k: int) -> None:
     assert_rel_close(layer.weight, origin.view(6, 2, k, k), 1e-6, 'single_init kernel')
     layer.reset_parameters()
     assert_rel_close(layer.weight, layer.branches.weight_origin.view(6, 2, k, k), 1e-6, 'after reset_parameters')
+
+
+# -- 4b. the kernel-size rule ------------------------------------------------------
+def test_branch_kind_is_the_rule_the_layer_follows() -> None:
+    assert LARGE_KERNEL_THRESHOLD == 7
+    expected = {1: '1x1', 3: 'kxk', 5: 'kxk', 7: 'stacked', 9: 'stacked'}
+    classes = {'1x1': OREPA1x1Branches, 'kxk': OREPAKxKBranches, 'stacked': OREPAStackedBranches}
+    for k, kind in expected.items():
+        assert branch_kind(k) == kind, k
+        assert type(build_branches(4, 6, k, 2)) is classes[kind], k
+        assert type(OREPAConv2d(4, 6, k, padding=k // 2, groups=2).branches) is classes[kind], k
+    # the threshold moves the boundary, in the function and in the layer alike
+    assert branch_kind(7, large_kernel_threshold=9) == 'kxk' and branch_kind(5, large_kernel_threshold=5) == 'stacked'
+    assert type(OREPAConv2d(4, 6, 7, padding=3, large_kernel_threshold=9).branches) is OREPAKxKBranches
+    for bad in (0, 2, 4, -1, 3.0, True):
+        with pytest.raises(ValueError, match='kernel_size'):
+            branch_kind(bad)
+
+
+@pytest.mark.parametrize('k', (1, 3, 7))
+def test_plain_state_makes_the_block_compute_the_plain_kernel(k: int) -> None:
+    generator = randomize_(build_branches(4, 6, k, 2))
+    weight = torch.randn(6, 2, k, k)
+    state = generator.plain_state(weight)
+    assert set(state) == {'weight_origin', 'branch_scales'}
+    generator.load_state_dict(dict(generator.state_dict(), **state))
+    with torch.no_grad():
+        assert_rel_close(generator(), weight, 1e-6, f'k={k}')
+    with pytest.raises(ValueError, match='does not fit'):
+        generator.plain_state(torch.randn(6, 2, k + 2, k + 2))
 
 
 # -- 5. the eval-mode kernel cache -------------------------------------------------

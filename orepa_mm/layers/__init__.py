@@ -1,7 +1,16 @@
 """Re-parameterizable conv layers, one module per family."""
-from .base import ReparamConv2d
+from .base import ConstantBuffers, ReparamConv2d
 from .dbb import DBBConv2d
-from .orepa import OREPA1x1Branches, OREPAConv2d, OREPAKxKBranches, OREPAStackedBranches
+from .orepa import (
+    LARGE_KERNEL_THRESHOLD,
+    KernelGenerator,
+    OREPA1x1Branches,
+    OREPAConv2d,
+    OREPAKxKBranches,
+    OREPAStackedBranches,
+    branch_kind,
+    build_branches,
+)
 
-__all__ = ['ReparamConv2d', 'OREPAConv2d', 'DBBConv2d', 'OREPA1x1Branches', 'OREPAKxKBranches',
-           'OREPAStackedBranches']
+__all__ = ['ReparamConv2d', 'ConstantBuffers', 'OREPAConv2d', 'DBBConv2d', 'KernelGenerator', 'OREPA1x1Branches',
+           'OREPAKxKBranches', 'OREPAStackedBranches', 'LARGE_KERNEL_THRESHOLD', 'branch_kind', 'build_branches']

@@ -6,488 +6,74 @@ of the feature map), then convolved with the input.  The block carries no BN:
 in an mmdet/mmseg ResNet the model's own BN after the conv is OREPA's "one BN
 after the sum", so a fused model is a vanilla model.
 
-Kernel generators (:class:`KernelGenerator`: ``nn.Module`` s whose
-``forward()`` takes no input and returns a kernel) hold the branch parameters:
+Kernel generators (:class:`KernelGenerator`, :mod:`.kernel_generator`:
+``nn.Module`` s whose ``forward()`` takes no input and returns a kernel) hold
+the branch parameters (:mod:`.orepa_branches`); :func:`branch_kind` is THE
+rule that picks one from the kernel size:
 
 * :class:`OREPA1x1Branches` for ``k = 1``;
 * :class:`OREPAKxKBranches`, the six-branch block, for odd ``3 <= k < large``;
 * :class:`OREPAStackedBranches`, the "linear deep stem", for odd ``k >= large``
-  (7 by default, i.e. the ResNet stem).
+  (``LARGE_KERNEL_THRESHOLD = 7`` by default, i.e. the ResNet stem).
 """
 from __future__ import annotations
 
-import math
-import threading
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Literal, Optional, Tuple
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import kernels as K
-from .base import ConstantBuffers, IntOrPair, ReparamConv2d
+from .base import IntOrPair, ReparamConv2d
 from .batched_generation import training_conv
+from .kernel_generator import KernelGenerator
+from .orepa_branches import OREPA1x1Branches, OREPAKxKBranches, OREPAStackedBranches
 
-__all__ = ['OREPAConv2d', 'KernelGenerator', 'OREPA1x1Branches', 'OREPAKxKBranches', 'OREPAStackedBranches']
+__all__ = ['OREPAConv2d', 'KernelGenerator', 'OREPA1x1Branches', 'OREPAKxKBranches', 'OREPAStackedBranches',
+           'LARGE_KERNEL_THRESHOLD', 'BranchKind', 'branch_kind', 'build_branches']
+
+#: Smallest kernel size built as stacked 3x3 blocks by default (the 7x7 ResNet stem).
+LARGE_KERNEL_THRESHOLD = 7
+
+BranchKind = Literal['1x1', 'kxk', 'stacked']
 
 
-class _Scratch(threading.local):
-    """Reusable buffers for the temporaries of kernel generation, per thread.
+def branch_kind(kernel_size: int, large_kernel_threshold: int = LARGE_KERNEL_THRESHOLD) -> BranchKind:
+    """The block kind of a ``kernel_size`` x ``kernel_size`` conv: ``'1x1'``
+    for 1, ``'kxk'`` (six branches) for odd sizes below
+    ``large_kernel_threshold``, ``'stacked'`` (the linear deep stem) from it on.
 
-    On CPU a fresh large tensor costs a page fault per 4 KiB page on first
-    touch (glibc serves big allocations with new mappings), and generating
-    and differentiating a kernel needs several kernel-sized temporaries per
-    layer and step: measured, those faults cost more than the arithmetic.
-    Layers run one after the other, so one buffer per role, grown to the
-    largest layer, serves them all (a few times the largest kernel in all).
-    On other devices the caching allocator already reuses memory and the
-    buffers are plain fresh tensors.  A buffer is only valid until the next
-    call that asks for the same role: nothing built in one may escape.
-    Roles: ``s0``-``s2`` (kernel-sized working buffers, reused within one
-    ``generate``/``kernel_backward`` once their content is dead), ``kernel``
-    (the generated kernel, alive until the conv has used it), ``dot``,
-    ``first`` and ``factors``.
+    The one place that maps kernel sizes to blocks: :class:`OREPAConv2d`,
+    DBB's "k x k convs only" rule and the reference-checkpoint converter use it.
     """
-
-    def __init__(self) -> None:
-        self.buffers: Dict[Tuple[str, torch.dtype], Tensor] = {}
-
-    def get(self, role: str, shape: Sequence[int], like: Tensor) -> Tensor:
-        if like.device.type != 'cpu':
-            return like.new_empty(shape)
-        numel = math.prod(shape)
-        key = (role, like.dtype)
-        buf = self.buffers.get(key)
-        if buf is None or buf.numel() < numel:
-            with torch.inference_mode(False):  # usable outside inference mode later on
-                buf = self.buffers[key] = torch.empty(numel, dtype=like.dtype)
-        return buf[:numel].view(shape)
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 \
+            or (kernel_size > 1 and kernel_size % 2 == 0):
+        raise ValueError(f'kernel_size must be 1 or an odd int (the branches are centred), got {kernel_size!r}')
+    if kernel_size == 1:
+        return '1x1'
+    return 'kxk' if kernel_size < large_kernel_threshold else 'stacked'
 
 
-_scratch = _Scratch()
-
-
-def _rowwise_dot(a: Tensor, b: Tensor) -> Tensor:
-    """``sum_j a[o, ..] * b[o, ..]`` for every row ``o`` (same shapes)."""
-    return torch.mul(a, b, out=_scratch.get('dot', a.shape, a)).flatten(1).sum(1)
-
-
-def _kaiming_(t: Tensor) -> Tensor:
-    # The reference initialises every kernel with kaiming_uniform_(a=0);
-    # fan-in is computed from the 4-D conv layout.
-    shape = t.shape
-    view = t.view(shape[0], -1, 1, 1) if t.dim() == 2 else t
-    nn.init.kaiming_uniform_(view, a=0.0)
-    return t
-
-
-class _GeneratedKernel(torch.autograd.Function):
-    """Autograd node of a kernel generator: ``generate()`` forward, the
-    generator's analytic ``kernel_backward()`` backward."""
-
-    @staticmethod
-    def forward(ctx, generator: 'KernelGenerator', *params: Tensor) -> Tensor:
-        ctx.generator = generator
-        return generator.generate()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_kernel: Tensor):
-        grads = ctx.generator.parameter_grads(grad_kernel, ctx.needs_input_grad[1:])
-        return (None, *grads)
-
-
-class KernelGenerator(nn.Module):
-    """A module that holds branch parameters and generates one conv kernel.
-
-    ``forward()`` takes no input and returns the kernel.  Subclasses write the
-    kernel twice:
-
-    * ``reference_kernel()``: the readable formula, built from
-      :mod:`orepa_mm.kernels` with plain autograd.  It is the definition; the
-      tests hold the fast path to it.
-    * ``generate()`` / ``kernel_backward(grad)``: the same kernel and its
-      parameter gradients computed by hand, with few large GEMMs, in-place
-      accumulation and no autograd graph.  In training they run once per
-      step for a whole group of same-shape layers, on a generator ``n``
-      times as wide (:mod:`orepa_mm.layers.batched_generation`), so that the
-      operator count of a step does not grow with the depth.
-
-    The default ``generate``/``kernel_backward`` fall back to the reference.
-    """
-
-    def reference_kernel(self) -> Tensor:
-        raise NotImplementedError
-
-    def generate(self, scratch: bool = False) -> Tensor:
-        """The kernel, without autograd.  With ``scratch`` it may live in a
-        shared buffer that the next generation overwrites: use it at once."""
-        with torch.no_grad():
-            return self.reference_kernel()
-
-    def kernel_backward(self, grad_kernel: Tensor) -> Dict[str, Tensor]:
-        """``dL/dp`` by parameter name, given ``dL/dkernel`` (frozen parameters may be left out)."""
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        with torch.enable_grad():
-            kernel = self.reference_kernel()
-            grads = torch.autograd.grad(kernel, [p for _, p in named], grad_kernel, allow_unused=True)
-        return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(named, grads)}
-
-    def parameter_grads(self, grad_kernel: Tensor, needed: Sequence[bool]) -> List[Optional[Tensor]]:
-        """``kernel_backward`` in ``parameters()`` order, ``None`` where not needed."""
-        if not any(needed):
-            return [None] * len(needed)
-        grads = self.kernel_backward(grad_kernel.to(self.branch_scales.dtype))
-        return [grads[name] if need else None for (name, _), need in zip(self.named_parameters(), needed)]
-
-    def forward(self) -> Tensor:
-        params = tuple(self.parameters())
-        # The kernel is a weight: generated in the parameters' dtype, like
-        # nn.Conv2d's, whatever autocast then does to the conv.
-        with torch.autocast(params[0].device.type, enabled=False):
-            if torch.compiler.is_compiling():  # the plain formula: dynamo traces it like any other ops
-                return self.reference_kernel()
-            if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-                return _GeneratedKernel.apply(self, *params)
-            return self.generate()
-
-
-class OREPA1x1Branches(KernelGenerator):
-    """1x1 block: an origin 1x1 kernel plus a "linear-to-identity" pair.
-
-    ``kernel = v[0] * W + v[1] * (B @ A)`` per output channel, with the pair
-    ``A: in -> t``, ``B: t -> out`` (grouped), ``t = min(in, out)`` as in the
-    reference code (the cheapest width that still reaches every rank); the
-    square factor starts as the (grouped) identity, so the pair starts as a
-    random 1x1 conv.
-    Initial scales: origin 1.0, pair 0.5.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, groups: int = 1) -> None:
-        super().__init__()
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        in_g = in_channels // groups
-        self.internal = min(in_channels, out_channels)
-        self.weight_origin = nn.Parameter(torch.empty(out_channels, in_g))
-        self.weight_l2i_first = nn.Parameter(torch.empty(self.internal, in_g))
-        self.weight_l2i_second = nn.Parameter(torch.empty(out_channels, self.internal // groups))
-        self.branch_scales = nn.Parameter(torch.empty(2, out_channels))
-        self.reset_parameters()
-
-    def reset_parameters(self, single_init: bool = False) -> None:
-        g = self.groups
-        with torch.no_grad():
-            _kaiming_(self.weight_origin)
-            if self.internal == self.in_channels:
-                self.weight_l2i_first.copy_(K.grouped_identity(self.internal, self.in_channels // g))
-                _kaiming_(self.weight_l2i_second)
-            else:
-                _kaiming_(self.weight_l2i_first)
-                self.weight_l2i_second.copy_(K.grouped_identity(self.out_channels, self.internal // g))
-            scales = (1.0, 0.0) if single_init else (1.0, 0.5)
-            self.branch_scales.copy_(torch.tensor(scales)[:, None].expand_as(self.branch_scales))
-
-    def reference_kernel(self) -> Tensor:
-        v = self.branch_scales
-        pair = K.compose_1x1_1x1(self.weight_l2i_first, K.scale_out_channels(self.weight_l2i_second, v[1]),
-                                 self.groups)
-        return (K.scale_out_channels(self.weight_origin, v[0]) + pair)[:, :, None, None]
-
-    def _grouped(self, t: Tensor) -> Tensor:
-        """A ``(rows, cols)`` matrix of a grouped 1x1 conv as ``(groups, rows / groups, cols)``."""
-        return t.view(self.groups, t.shape[0] // self.groups, t.shape[1])
-
-    def generate(self, scratch: bool = False) -> Tensor:
-        o, v = self.out_channels, self.branch_scales
-        with torch.no_grad():
-            # kernel = v0 * W + (v1 * B) @ A; the scaled factor B is no larger than the kernel (t <= in).
-            b = self.weight_l2i_second
-            second = torch.mul(b, v[1, :, None], out=_scratch.get('s0', b.shape, b))
-            shape = (o, self.in_channels // self.groups)
-            kernel = _scratch.get('kernel', shape, b) if scratch else b.new_empty(shape)
-            torch.bmm(self._grouped(second), self._grouped(self.weight_l2i_first), out=self._grouped(kernel))
-            return kernel.addcmul_(self.weight_origin, v[0, :, None])[:, :, None, None]
-
-    def kernel_backward(self, grad_kernel: Tensor) -> Dict[str, Tensor]:
-        v = self.branch_scales
-        first, second = self.weight_l2i_first, self.weight_l2i_second
-        with torch.no_grad():
-            grad = grad_kernel.reshape(self.out_channels, -1)
-            grad_g = self._grouped(grad)
-            # d/d(v1 * B) = G @ A^T, then split into B's and v1's parts.
-            grad_scaled = _scratch.get('s0', second.shape, second)
-            torch.bmm(grad_g, self._grouped(first).transpose(1, 2), out=self._grouped(grad_scaled))
-            scaled = torch.mul(second, v[1, :, None], out=_scratch.get('s1', second.shape, second))
-            return {
-                'weight_origin': grad * v[0, :, None],
-                'weight_l2i_first': torch.bmm(self._grouped(scaled).transpose(1, 2), grad_g).view_as(first),
-                'weight_l2i_second': grad_scaled * v[1, :, None],
-                'branch_scales': torch.stack([_rowwise_dot(grad, self.weight_origin),
-                                              _rowwise_dot(grad_scaled, second)]),
-            }
-
-    def plain_state(self, weight: Tensor) -> Dict[str, Tensor]:
-        """Branch values that make the block compute the plain kernel ``weight``."""
-        scales = torch.zeros_like(self.branch_scales)
-        scales[0] = 1
-        return {'weight_origin': K.as_matrix(weight), 'branch_scales': scales}
-
-
-class OREPAKxKBranches(ConstantBuffers, KernelGenerator):
-    """The six-branch OREPA block for an odd ``k >= 3``.
-
-    Per output channel ``o`` (``v = branch_scales``, initial values in brackets):
-
-    ======  =================================================  ======
-    origin  ``W0``, a k x k kernel                               0.25
-    avg     1x1 kernel times the k x k box ``1 / k^2``           0.25
-    prior   1x1 kernel times the frequency-prior basis ``B[o]``  0.0
-    1x1-kxk (identity + ``A``) 1x1 then k x k ``C``              0.5
-    1x1     1x1 kernel at the centre                             1.0
-    dws     depthwise k x k (8x expansion) then pointwise 1x1    0.5
-    ======  =================================================  ======
-
-    The 1x1-kxk internal width is ``in`` for ``groups <= 4``, else ``2 * in``.
-    """
-
-    EXPAND = 8
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, groups: int = 1) -> None:
-        super().__init__()
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = k = kernel_size
-        in_g = in_channels // groups
-        internal = in_channels if groups <= 4 else 2 * in_channels
-        self.weight_origin = nn.Parameter(torch.empty(out_channels, in_g, k, k))
-        self.weight_avg = nn.Parameter(torch.empty(out_channels, in_g))
-        self.weight_prior = nn.Parameter(torch.empty(out_channels, in_g))
-        self.weight_1x1 = nn.Parameter(torch.empty(out_channels, in_g))
-        self.weight_1x1_kxk_first = nn.Parameter(torch.empty(internal, in_g))
-        self.weight_1x1_kxk_second = nn.Parameter(torch.empty(out_channels, internal // groups, k, k))
-        self.weight_dw = nn.Parameter(torch.empty(self.EXPAND * in_channels, 1, k, k))
-        self.weight_pw = nn.Parameter(torch.empty(out_channels, self.EXPAND * in_g))
-        self.branch_scales = nn.Parameter(torch.empty(6, out_channels))
-        self.internal = internal
-        self.build_constants()
-        self.reset_parameters()
-
-    INIT_SCALES = (0.25, 0.25, 0.0, 0.5, 1.0, 0.5)
-
-    def constant_buffers(self, dtype: torch.dtype, device: torch.device) -> Dict[str, Tensor]:
-        """``spatial_patterns``: the avg box, the frequency prior and the centre
-        tap stacked as ``(out, 3, k*k)``, so that the three "1x1 kernel times
-        a fixed k x k pattern" branches are a single product;
-        ``identity_1x1_kxk``: the identity part of the 1x1-kxk branch's first
-        factor.  Computed in float64, rounded once to ``dtype``."""
-        o, k = self.out_channels, self.kernel_size
-        centre = torch.zeros(k, k, dtype=torch.float64)
-        centre[k // 2, k // 2] = 1
-        patterns = torch.stack([K.box_kernel(k, torch.float64).expand(o, k, k),
-                                K.frequency_prior(o, k, torch.float64), centre.expand(o, k, k)], dim=1)
-        return {
-            'spatial_patterns': patterns.flatten(2).to(dtype=dtype, device=device).contiguous(),
-            'identity_1x1_kxk': K.grouped_identity(self.internal, self.in_channels // self.groups, dtype, device),
-        }
-
-    def reset_parameters(self, single_init: bool = False) -> None:
-        with torch.no_grad():
-            for w in (self.weight_origin, self.weight_avg, self.weight_prior, self.weight_1x1,
-                      self.weight_1x1_kxk_second, self.weight_dw, self.weight_pw):
-                _kaiming_(w)
-            self.weight_1x1_kxk_first.zero_()
-            scales = (1.0, 0, 0, 0, 0, 0) if single_init else self.INIT_SCALES
-            self.branch_scales.copy_(torch.tensor(scales)[:, None].expand_as(self.branch_scales))
-
-    def reference_kernel(self) -> Tensor:
-        v = self.branch_scales
-        o, in_g, k = self.out_channels, self.in_channels // self.groups, self.kernel_size
-        kernel = K.scale_out_channels(self.weight_origin, v[0])
-        # avg, prior and centred 1x1: (3, out, in_g) x (out, 3, k*k) -> (out, in_g, k*k)
-        factors = torch.stack([self.weight_avg, self.weight_prior, self.weight_1x1]) * v[[1, 2, 4], :, None]
-        kernel = kernel + torch.einsum('boi,obk->oik', factors, self.spatial_patterns).view(o, in_g, k, k)
-        kernel = kernel + K.compose_1x1_kxk(self.weight_1x1_kxk_first + self.identity_1x1_kxk,
-                                            K.scale_out_channels(self.weight_1x1_kxk_second, v[3]), self.groups)
-        kernel = kernel + K.dw_pw_to_full(self.weight_dw, K.scale_out_channels(self.weight_pw, v[5]),
-                                          self.EXPAND, self.groups)
-        return kernel
-
-    # -- the fast path -----------------------------------------------------------
-    # Work layout: the 1x1-kxk branch is a contraction over its internal width
-    # t with (out, k*k) as rows, so it is built as ONE GEMM per group in the
-    # layout (out, k*k, in_g), where the avg/prior/1x1 branches also land as a
-    # batched rank-3 update; one pass then moves it to the conv layout
-    # (out, in_g, k*k) while adding the origin, and the depthwise-separable
-    # branch (a batched product over input channels) is added in place.
-    def _sizes(self) -> Tuple[int, int, int, int, int, int]:
-        g, o, kk = self.groups, self.out_channels, self.kernel_size ** 2
-        return g, o, o // g, self.in_channels // g, self.internal // g, kk
-
-    @staticmethod
-    def _pattern_scales(v: Tensor) -> Tensor:
-        """Scales of the avg, prior and centred-1x1 branches as ``(out, 3)``.
-        (Stacked rows, not ``v[[1, 2, 4]]``: list indexing copies the index
-        from the host and synchronises a GPU.)"""
-        return torch.stack((v[1], v[2], v[4]), dim=1)
-
-    def _factors(self) -> Tensor:
-        """The avg, prior and centred-1x1 factors stacked as ``(out, 3, in_g)`` (scratch)."""
-        f = self.weight_avg
-        return torch.stack([f, self.weight_prior, self.weight_1x1], dim=1,
-                           out=_scratch.get('factors', (f.shape[0], 3, f.shape[1]), f))
-
-    def _first(self) -> Tensor:
-        """The 1x1-kxk branch's first factor, identity included (scratch)."""
-        eye = self.identity_1x1_kxk
-        return torch.add(self.weight_1x1_kxk_first, eye, out=_scratch.get('first', eye.shape, eye))
-
-    def _scaled_pw(self) -> Tensor:
-        """``v5 * pw`` as ``(groups, in_g, out_g, expand)``: one matrix per input channel (scratch ``s0``)."""
-        g, _, o_g, in_g, _, _ = self._sizes()
-        v5 = self.branch_scales[5]
-        return torch.mul(self.weight_pw.view(g, o_g, in_g, self.EXPAND).transpose(1, 2), v5.view(g, 1, o_g, 1),
-                         out=_scratch.get('s0', (g, in_g, o_g, self.EXPAND), v5))
-
-    def generate(self, scratch: bool = False) -> Tensor:
-        g, o, o_g, in_g, t_g, kk = self._sizes()
-        e, k, v = self.EXPAND, self.kernel_size, self.branch_scales
-        like, get = self.weight_origin, _scratch.get
-        with torch.no_grad():
-            # 1x1-kxk: (v3 * C) in the work layout (o, kk, t_g), times (A + I)
-            second = torch.mul(self.weight_1x1_kxk_second.view(o, t_g, kk).transpose(1, 2), v[3, :, None, None],
-                               out=get('s0', (o, kk, t_g), like))
-            first = self._first()
-            work = get('s1', (o, kk, in_g), like)
-            torch.bmm(second.view(g, o_g * kk, t_g), first.view(g, t_g, in_g), out=work.view(g, o_g * kk, in_g))
-            # avg, prior, centred 1x1: (o, kk, 3) @ (o, 3, in_g), accumulated in place
-            patterns = self.spatial_patterns * self._pattern_scales(v)[:, :, None]  # (o, 3, kk)
-            factors = self._factors()
-            work.baddbmm_(patterns.transpose(1, 2), factors)
-            # origin, while moving to the conv layout (o, in_g, kk)
-            kernel = get('kernel', (o, in_g, kk), like) if scratch else like.new_empty(o, in_g, kk)
-            torch.addcmul(work.transpose(1, 2), self.weight_origin.view(o, in_g, kk), v[0, :, None, None],
-                          out=kernel)
-            # depthwise-separable: a product per input channel of (v5 * pw) (o_g, e) and dw (e, kk)
-            pw = self._scaled_pw()  # s0 is free again
-            separable = get('s1', (g, in_g, o_g, kk), like)  # so is s1
-            torch.bmm(pw.view(g * in_g, o_g, e), self.weight_dw.view(g * in_g, e, kk),
-                      out=separable.view(g * in_g, o_g, kk))
-            kernel.view(g, o_g, in_g, kk).add_(separable.transpose(1, 2))
-            return kernel.view(o, in_g, k, k)
-
-    def kernel_backward(self, grad_kernel: Tensor) -> Dict[str, Tensor]:
-        g, o, o_g, in_g, t_g, kk = self._sizes()
-        e, v = self.EXPAND, self.branch_scales
-        like, get = self.weight_origin, _scratch.get
-        with torch.no_grad():
-            grad_kernel = grad_kernel.contiguous()
-            grad = grad_kernel.view(o, in_g, kk)
-            grad_work = get('s0', (o, kk, in_g), like)
-            grad_work.copy_(grad.transpose(1, 2))
-            grad_scales: List[Tensor] = [v[0]] * 6  # rows filled below, stacked at the end
-            grads = {'weight_origin': grad_kernel * v[0, :, None, None, None]}
-            grad_scales[0] = _rowwise_dot(grad, self.weight_origin.view(o, in_g, kk))
-            # avg, prior, centred 1x1
-            factors = self._factors()
-            grad_factors = torch.bmm(self.spatial_patterns, grad_work)  # (o, 3, in_g), before scaling
-            pattern_grads = torch.mul(grad_factors, factors, out=factors).sum(2)  # (o, 3)
-            grad_scales[1], grad_scales[2], grad_scales[4] = pattern_grads.unbind(1)
-            grad_factors.mul_(self._pattern_scales(v)[:, :, None])
-            for b, name in enumerate(('weight_avg', 'weight_prior', 'weight_1x1')):
-                grads[name] = grad_factors[:, b].contiguous()
-            # 1x1-kxk, in the work layout: d/d(v3 * C) = G_work @ (A + I)^T, d/dA = (v3 * C)^T @ G_work
-            second = get('s1', (o, kk, t_g), like)
-            second.copy_(self.weight_1x1_kxk_second.view(o, t_g, kk).transpose(1, 2))
-            first = self._first()
-            grad_second = get('s2', (o, kk, t_g), like)
-            torch.bmm(grad_work.view(g, o_g * kk, in_g), first.view(g, t_g, in_g).transpose(1, 2),
-                      out=grad_second.view(g, o_g * kk, t_g))
-            grad_scales[3] = _rowwise_dot(grad_second, second)
-            grads['weight_1x1_kxk_second'] = torch.mul(
-                grad_second.transpose(1, 2), v[3, :, None, None]).view_as(self.weight_1x1_kxk_second)
-            second.mul_(v[3, :, None, None])
-            grads['weight_1x1_kxk_first'] = torch.bmm(second.view(g, o_g * kk, t_g).transpose(1, 2),
-                                                      grad_work.view(g, o_g * kk, in_g)).view(-1, in_g)
-            # depthwise-separable, batched over input channels: (o_g, kk) x (kk, e) and (e, o_g) x (o_g, kk)
-            grad_io = get('s1', (g, in_g, o_g, kk), like)  # s1, s2 are free again
-            grad_io.copy_(grad.view(g, o_g, in_g, kk).transpose(1, 2))
-            dw = self.weight_dw.view(g * in_g, e, kk)
-            grad_pw_io = torch.bmm(grad_io.view(g * in_g, o_g, kk), dw.transpose(1, 2),
-                                   out=get('s2', (g * in_g, o_g, e), like))
-            grad_pw = like.new_empty(o, in_g * e)  # (a reshape could alias the scratch buffer)
-            grad_pw.view(g, o_g, in_g, e).copy_(grad_pw_io.view(g, in_g, o_g, e).transpose(1, 2))
-            grad_scales[5] = _rowwise_dot(grad_pw, self.weight_pw)
-            grads['weight_pw'] = grad_pw.mul_(v[5, :, None])
-            pw = self._scaled_pw()  # and s0
-            grads['weight_dw'] = torch.bmm(pw.view(g * in_g, o_g, e).transpose(1, 2),
-                                           grad_io.view(g * in_g, o_g, kk)).view_as(self.weight_dw)
-            grads['branch_scales'] = torch.stack(grad_scales)
-            return grads
-
-    def plain_state(self, weight: Tensor) -> Dict[str, Tensor]:
-        scales = torch.zeros_like(self.branch_scales)
-        scales[0] = 1
-        return {'weight_origin': weight, 'branch_scales': scales}
-
-
-class OREPAStackedBranches(KernelGenerator):
-    """Large kernel as the composition of stacked 3x3 OREPA kernels (the
-    paper's "linear deep stem"), plus an origin k x k kernel.
-
-    ``kernel = v[0] * W0 + v[1] * compose(K_1, ..., K_n)``, ``n = (k - 1) / 2``
-    3x3 :class:`OREPAKxKBranches` generators (``in -> out -> ... -> out``).
-    ``compose`` is the true kernel of the stacked stride-1 linear convs
-    (:func:`orepa_mm.kernels.compose_stack`).  The reference code instead
-    cross-correlates the 3x3 kernels, which gives a trainable 7x7 kernel but
-    not the kernel of the stack; its checkpoints convert exactly by flipping
-    (see ``tools/convert_reference_checkpoint.py``).  The origin branch
-    (initial scale 0; the stack starts at scale 1, as in the paper) exists so
-    that a plain k x k checkpoint, e.g. an ImageNet ResNet stem, loads
-    exactly: a product of 3x3 kernels cannot represent every 7x7 kernel.
-    Groups are supported (every stacked conv uses them); dilation and stride
-    apply to the composed kernel as a whole.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, groups: int = 1) -> None:
-        super().__init__()
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = kernel_size
-        n = (kernel_size - 1) // 2
-        self.stack = nn.ModuleList(
-            OREPAKxKBranches(in_channels if i == 0 else out_channels, out_channels, 3, groups) for i in range(n))
-        self.weight_origin = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size))
-        self.branch_scales = nn.Parameter(torch.empty(2, out_channels))
-        self.reset_parameters()
-
-    def reset_parameters(self, single_init: bool = False) -> None:
-        with torch.no_grad():
-            _kaiming_(self.weight_origin)
-            self.branch_scales[0].fill_(1.0 if single_init else 0.0)
-            self.branch_scales[1].fill_(0.0 if single_init else 1.0)
-            for layer in self.stack:
-                layer.reset_parameters()
-
-    def reference_kernel(self, sub_kernel: Optional[Callable[[nn.Module], Tensor]] = None) -> Tensor:
-        """The kernel; ``sub_kernel(generator)`` gives the stacked 3x3 kernels (default: their own forward)."""
-        v = self.branch_scales
-        stacked = K.compose_stack([sub_kernel(layer) if sub_kernel else layer() for layer in self.stack],
-                                  self.groups)
-        return K.scale_out_channels(self.weight_origin, v[0]) + K.scale_out_channels(stacked, v[1])
-
-    def plain_state(self, weight: Tensor) -> Dict[str, Tensor]:
-        scales = torch.zeros_like(self.branch_scales)
-        scales[0] = 1
-        return {'weight_origin': weight, 'branch_scales': scales}
+def build_branches(in_channels: int, out_channels: int, kernel_size: int, groups: int = 1,
+                   large_kernel_threshold: int = LARGE_KERNEL_THRESHOLD) -> KernelGenerator:
+    """The freshly initialised generator of the block :func:`branch_kind` picks."""
+    kind = branch_kind(kernel_size, large_kernel_threshold)
+    if kind == '1x1':
+        return OREPA1x1Branches(in_channels, out_channels, groups)
+    if kind == 'kxk':
+        return OREPAKxKBranches(in_channels, out_channels, kernel_size, groups)
+    return OREPAStackedBranches(in_channels, out_channels, kernel_size, groups)
 
 
 class OREPAConv2d(ReparamConv2d):
     """Drop-in ``nn.Conv2d`` trained as an OREPA block, one conv per forward.
 
-    The block kind follows the kernel size: ``k = 1`` the 1x1 block, odd
-    ``3 <= k < large_kernel_threshold`` the six-branch block, odd
-    ``k >= large_kernel_threshold`` stacked 3x3 blocks (the "linear deep
-    stem").  Any stride, padding, dilation, groups (depthwise included) and
-    ``padding_mode`` of ``nn.Conv2d`` are honoured, since a single conv runs.
+    The block kind follows the kernel size (:func:`branch_kind`): ``k = 1``
+    the 1x1 block, odd ``3 <= k < large_kernel_threshold`` the six-branch
+    block, odd ``k >= large_kernel_threshold`` stacked 3x3 blocks (the
+    "linear deep stem").  Any stride, padding, dilation, groups (depthwise
+    included) and ``padding_mode`` of ``nn.Conv2d`` are honoured, since a
+    single conv runs.
 
     A plain conv checkpoint (``weight``, optional ``bias``) loads into the
     layer so that it computes exactly that conv (origin = weight, origin
@@ -496,12 +82,13 @@ class OREPAConv2d(ReparamConv2d):
 
     In training the kernel comes from one generation shared by every OREPA
     layer of the same shape (:mod:`orepa_mm.layers.batched_generation`);
-    the parameters stay this layer's own.  In eval/no-grad use the generated kernel is cached and reused until a
-    parameter changes (optimizer steps, ``load_state_dict``, any in-place op
-    on a parameter, moving the module) or ``train()``/``eval()`` is called,
-    so unfused evaluation costs one plain conv.  Writes through ``p.data``
-    bypass PyTorch's version counters; call ``eval()`` again after them.  ``fuse()`` returns
-    the equivalent ``nn.Conv2d``.
+    the parameters stay this layer's own.  In eval/no-grad use the generated
+    kernel is cached and reused until a parameter changes (optimizer steps,
+    ``load_state_dict``, any in-place op on a parameter, moving the module)
+    or ``train()``/``eval()`` is called, so unfused evaluation costs one
+    plain conv.  Writes through ``p.data`` bypass PyTorch's version
+    counters; call ``eval()`` again after them.  ``fuse()`` returns the
+    equivalent ``nn.Conv2d``.
 
     Args beyond ``nn.Conv2d``'s:
         large_kernel_threshold: smallest kernel built as stacked 3x3 blocks.
@@ -510,17 +97,13 @@ class OREPAConv2d(ReparamConv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
                  padding: IntOrPair | str = 0, dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: str = 'zeros', large_kernel_threshold: int = 7, single_init: bool = False,
-                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+                 padding_mode: str = 'zeros', large_kernel_threshold: int = LARGE_KERNEL_THRESHOLD,
+                 single_init: bool = False, device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode)
-        k = self.kernel_size[0]
-        if k == 1:
-            self.branches = OREPA1x1Branches(in_channels, out_channels, groups)
-        elif k < large_kernel_threshold:
-            self.branches = OREPAKxKBranches(in_channels, out_channels, k, groups)
-        else:
-            self.branches = OREPAStackedBranches(in_channels, out_channels, k, groups)
+        self.branches = build_branches(in_channels, out_channels, self.kernel_size[0], groups,
+                                       large_kernel_threshold)
         self.single_init = single_init
         self._cache: Optional[Tuple[tuple, Tensor]] = None
         if single_init:

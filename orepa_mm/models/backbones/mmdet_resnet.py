@@ -1,18 +1,47 @@
-"""OREPA/DBB ResNets registered into mmdet's ``MODELS`` (imports mmdet)."""
+"""OREPA/DBB ResNets registered into mmdet's ``MODELS`` (imports mmdet).
+
+Each is mmdet's own ResNet class (every argument accepted) with
+re-parameterizable convs; ``fuse()`` turns it into ``vanilla_type``.
+"""
 from mmdet.models.backbones.resnet import ResNet, ResNetV1d
 from mmdet.registry import MODELS
 
-from .resnet_common import make_reparam_resnet
+from .resnet_common import ReparamResNetMixin
 
-# mmdet has no ResNetV1c class: V1c is ResNet(deep_stem=True).
-OREPAResNet = make_reparam_resnet(ResNet, 'OREPAResNet', 'OREPA', 'ResNet', 'mmdet')
-OREPAResNetV1c = make_reparam_resnet(ResNet, 'OREPAResNetV1c', 'OREPA', 'ResNet', 'mmdet', deep_stem=True)
-OREPAResNetV1d = make_reparam_resnet(ResNetV1d, 'OREPAResNetV1d', 'OREPA', 'ResNetV1d', 'mmdet')
-DBBResNet = make_reparam_resnet(ResNet, 'DBBResNet', 'DBB', 'ResNet', 'mmdet')
-DBBResNetV1c = make_reparam_resnet(ResNet, 'DBBResNetV1c', 'DBB', 'ResNet', 'mmdet', deep_stem=True)
-DBBResNetV1d = make_reparam_resnet(ResNetV1d, 'DBBResNetV1d', 'DBB', 'ResNetV1d', 'mmdet')
+__all__ = ['OREPAResNet', 'OREPAResNetV1c', 'OREPAResNetV1d', 'DBBResNet', 'DBBResNetV1c', 'DBBResNetV1d']
 
-BACKBONES = (OREPAResNet, OREPAResNetV1c, OREPAResNetV1d, DBBResNet, DBBResNetV1c, DBBResNetV1d)
-for _cls in BACKBONES:
-    if _cls.__name__ not in MODELS.module_dict:
-        MODELS.register_module(module=_cls)
+
+@MODELS.register_module()
+class OREPAResNet(ReparamResNetMixin, ResNet):
+    """mmdet ``ResNet`` with OREPA convs; fuses into ``ResNet``."""
+    conv_kind, vanilla_type = 'OREPA', 'ResNet'
+
+
+@MODELS.register_module()
+class OREPAResNetV1c(ReparamResNetMixin, ResNet):
+    """mmdet ``ResNet(deep_stem=True)`` (mmdet has no V1c class) with OREPA convs."""
+    conv_kind, vanilla_type, default_kwargs = 'OREPA', 'ResNet', {'deep_stem': True}
+
+
+@MODELS.register_module()
+class OREPAResNetV1d(ReparamResNetMixin, ResNetV1d):
+    """mmdet ``ResNetV1d`` with OREPA convs; fuses into ``ResNetV1d``."""
+    conv_kind, vanilla_type = 'OREPA', 'ResNetV1d'
+
+
+@MODELS.register_module()
+class DBBResNet(ReparamResNetMixin, ResNet):
+    """mmdet ``ResNet`` with DBB convs; fuses into ``ResNet``."""
+    conv_kind, vanilla_type = 'DBB', 'ResNet'
+
+
+@MODELS.register_module()
+class DBBResNetV1c(ReparamResNetMixin, ResNet):
+    """mmdet ``ResNet(deep_stem=True)`` with DBB convs."""
+    conv_kind, vanilla_type, default_kwargs = 'DBB', 'ResNet', {'deep_stem': True}
+
+
+@MODELS.register_module()
+class DBBResNetV1d(ReparamResNetMixin, ResNetV1d):
+    """mmdet ``ResNetV1d`` with DBB convs; fuses into ``ResNetV1d``."""
+    conv_kind, vanilla_type = 'DBB', 'ResNetV1d'

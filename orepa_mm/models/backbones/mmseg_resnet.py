@@ -1,17 +1,47 @@
-"""OREPA/DBB ResNets registered into mmseg's ``MODELS`` (imports mmseg)."""
+"""OREPA/DBB ResNets registered into mmseg's ``MODELS`` (imports mmseg).
+
+Each is mmseg's own ResNet class (every argument accepted) with
+re-parameterizable convs; ``fuse()`` turns it into ``vanilla_type``.
+"""
 from mmseg.models.backbones.resnet import ResNet, ResNetV1c, ResNetV1d
 from mmseg.registry import MODELS
 
-from .resnet_common import make_reparam_resnet
+from .resnet_common import ReparamResNetMixin
 
-OREPAResNet = make_reparam_resnet(ResNet, 'OREPAResNet', 'OREPA', 'ResNet', 'mmseg')
-OREPAResNetV1c = make_reparam_resnet(ResNetV1c, 'OREPAResNetV1c', 'OREPA', 'ResNetV1c', 'mmseg')
-OREPAResNetV1d = make_reparam_resnet(ResNetV1d, 'OREPAResNetV1d', 'OREPA', 'ResNetV1d', 'mmseg')
-DBBResNet = make_reparam_resnet(ResNet, 'DBBResNet', 'DBB', 'ResNet', 'mmseg')
-DBBResNetV1c = make_reparam_resnet(ResNetV1c, 'DBBResNetV1c', 'DBB', 'ResNetV1c', 'mmseg')
-DBBResNetV1d = make_reparam_resnet(ResNetV1d, 'DBBResNetV1d', 'DBB', 'ResNetV1d', 'mmseg')
+__all__ = ['OREPAResNet', 'OREPAResNetV1c', 'OREPAResNetV1d', 'DBBResNet', 'DBBResNetV1c', 'DBBResNetV1d']
 
-BACKBONES = (OREPAResNet, OREPAResNetV1c, OREPAResNetV1d, DBBResNet, DBBResNetV1c, DBBResNetV1d)
-for _cls in BACKBONES:
-    if _cls.__name__ not in MODELS.module_dict:
-        MODELS.register_module(module=_cls)
+
+@MODELS.register_module()
+class OREPAResNet(ReparamResNetMixin, ResNet):
+    """mmseg ``ResNet`` with OREPA convs; fuses into ``ResNet``."""
+    conv_kind, vanilla_type = 'OREPA', 'ResNet'
+
+
+@MODELS.register_module()
+class OREPAResNetV1c(ReparamResNetMixin, ResNetV1c):
+    """mmseg ``ResNetV1c`` with OREPA convs; fuses into ``ResNetV1c``."""
+    conv_kind, vanilla_type = 'OREPA', 'ResNetV1c'
+
+
+@MODELS.register_module()
+class OREPAResNetV1d(ReparamResNetMixin, ResNetV1d):
+    """mmseg ``ResNetV1d`` with OREPA convs; fuses into ``ResNetV1d``."""
+    conv_kind, vanilla_type = 'OREPA', 'ResNetV1d'
+
+
+@MODELS.register_module()
+class DBBResNet(ReparamResNetMixin, ResNet):
+    """mmseg ``ResNet`` with DBB convs; fuses into ``ResNet``."""
+    conv_kind, vanilla_type = 'DBB', 'ResNet'
+
+
+@MODELS.register_module()
+class DBBResNetV1c(ReparamResNetMixin, ResNetV1c):
+    """mmseg ``ResNetV1c`` with DBB convs; fuses into ``ResNetV1c``."""
+    conv_kind, vanilla_type = 'DBB', 'ResNetV1c'
+
+
+@MODELS.register_module()
+class DBBResNetV1d(ReparamResNetMixin, ResNetV1d):
+    """mmseg ``ResNetV1d`` with DBB convs; fuses into ``ResNetV1d``."""
+    conv_kind, vanilla_type = 'DBB', 'ResNetV1d'

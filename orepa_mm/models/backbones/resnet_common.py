@@ -10,29 +10,20 @@ the vanilla config used for deploy checkpoints.
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Optional, Type
+from typing import Any, Dict, Optional
 
 import torch.nn as nn
 
 from ...fuse import fuse_model
+from ...registry import reparam_conv_kind
 
-REPARAM_CONV_TYPES = {'OREPA': 'OREPA', 'OREPAConv2d': 'OREPA', 'DBB': 'DBB', 'DBBConv2d': 'DBB'}
-
-
-def reparam_conv_kind(conv_cfg: Optional[dict]) -> Optional[str]:
-    """'OREPA', 'DBB' or None for a ``conv_cfg`` (with or without ``orepa_mm.`` prefix)."""
-    if not conv_cfg:
-        return None
-    t = conv_cfg.get('type') if isinstance(conv_cfg, dict) else None
-    if isinstance(t, str):
-        return REPARAM_CONV_TYPES.get(t.split('.')[-1])
-    return REPARAM_CONV_TYPES.get(getattr(t, '__name__', ''))
+__all__ = ['ReparamResNetMixin', 'reparam_conv_kind']
 
 
 class ReparamResNetMixin:
     """Mixin for ``ResNet`` subclasses whose convs are OREPA or DBB layers.
 
-    Class attributes set by :func:`make_reparam_resnet`:
+    Class attributes, set by each backbone class:
         conv_kind: 'OREPA' or 'DBB', the default ``conv_cfg`` type.
         vanilla_type: registry name of the plain backbone (``ResNetV1c``...).
         default_kwargs: defaults this variant adds to the base class's, kept
@@ -72,13 +63,3 @@ class ReparamResNetMixin:
         out.pop('init_cfg', None)
         out.pop('pretrained', None)
         return out
-
-
-def make_reparam_resnet(base: Type[nn.Module], name: str, conv_kind: str, vanilla_type: str,
-                        framework: str, **default_kwargs: Any) -> Type[nn.Module]:
-    """Create the ``name`` subclass of the framework ResNet ``base``."""
-    doc = (f'{framework} ``{vanilla_type}`` with {conv_kind} convs (every argument of '
-           f'``{base.__module__}.{base.__name__}`` is accepted); fuses into ``{vanilla_type}``.')
-    attrs = dict(conv_kind=conv_kind, vanilla_type=vanilla_type, default_kwargs=default_kwargs,
-                 __doc__=doc, __module__=f'orepa_mm.models.backbones.{framework}_resnet')
-    return type(name, (ReparamResNetMixin, base), attrs)
