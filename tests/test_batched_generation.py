@@ -270,6 +270,26 @@ def test_bf16_autocast_on_cpu(per_layer):
     assert_same_grads(ref, got, 5e-2)
 
 
+def test_fp16_autocast_with_grad_scaler(per_layer):
+    """fp16 autocast and a GradScaler (what AmpOptimWrapper does on CUDA; here on CPU)."""
+    x = torch.randn(4, 3, 16, 16)
+
+    def step(model: nn.Module) -> torch.Tensor:
+        scaler = torch.amp.GradScaler('cpu', init_scale=8.0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        with torch.autocast('cpu', dtype=torch.float16):
+            out = model(x)
+        scaler.scale(loss_of(out)).backward()
+        scaler.unscale_(opt)
+        found_inf = sum(v.item() for v in scaler._found_inf_per_device(opt).values())
+        assert found_inf == 0
+        return out
+    (ref_out, ref), (out, got) = run_both(lambda: small_net(torch.float32), step, per_layer)
+    assert out.dtype == torch.float16
+    assert rel(ref_out.float(), out.float()) <= 5e-3
+    assert_same_grads(ref, got, 2e-2)
+
+
 def test_kernels_are_generated_in_float32_under_autocast():
     from orepa_mm.layers.batched_generation import training_kernel
     net = small_net(torch.float32)
