@@ -24,7 +24,7 @@ from torch import Tensor
 __all__ = [
     'as_matrix', 'fold_bn', 'fold_bias_into_bn', 'pad_to_kxk', 'box_kernel',
     'frequency_prior', 'grouped_identity', 'compose_1x1_kxk', 'dw_pw_to_full',
-    'compose_kernels', 'compose_stack', 'scale_out_channels',
+    'compose_kernels', 'compose_stack', 'scale_out_channels', 'conv_of_constant',
 ]
 
 
@@ -63,6 +63,22 @@ def fold_bias_into_bn(bias: Tensor, running_mean: Tensor) -> Tensor:
     """Running mean that absorbs a conv bias: ``BN(y + b)`` with mean ``m``
     equals ``BN(y)`` with mean ``m - b`` (eval mode)."""
     return running_mean - bias
+
+
+def conv_of_constant(kernel: Tensor, value: Tensor, groups: int = 1) -> Tensor:
+    """Output ``(out,)`` of a grouped conv with ``kernel`` ``(out, t // g, kh, kw)``
+    on an input that equals ``value[c]`` everywhere on channel ``c``, padding
+    included: ``sum_{t, h, w} kernel[o, t, h, w] * value[group(o) * t_g + t]``.
+
+    This is how a bias before a conv passes through it, exactly when the conv
+    pads with that bias instead of zeros (DBB's BN-and-pad).
+    """
+    out, t_g = kernel.shape[:2]
+    if value.numel() != t_g * groups:
+        raise ValueError(f'{value.numel()} input values do not feed a kernel {tuple(kernel.shape)} '
+                         f'with groups={groups}')
+    taps = kernel.sum(dim=(2, 3)).reshape(groups, out // groups, t_g)
+    return (taps * value.reshape(groups, 1, t_g)).sum(-1).reshape(out)
 
 
 def pad_to_kxk(kernel: Tensor, kernel_size: int) -> Tensor:

@@ -14,16 +14,19 @@ import torch.nn as nn
 from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmengine.registry import Registry
 
-from .layers import DBBConv2d, OREPAConv2d
+from .layers import DBBConv2d, OREPAConv2d, dbb_conv
 
 #: orepa_mm's own model registry (scope ``orepa_mm``).
 MODELS = Registry('model', parent=MMENGINE_MODELS, scope='orepa_mm', locations=['orepa_mm'])
 
 #: Every ``conv_cfg`` type orepa_mm registers: name -> (family, builder).
+#: ``'OREPA'`` and the classes make every conv they build a re-param layer;
+#: ``'DBB'`` is the paper's DBB baseline, k x k convs only
+#: (:func:`orepa_mm.layers.dbb_conv`; ``every_conv=True`` for all).
 CONV_TYPES: Dict[str, Tuple[str, Callable[..., nn.Module]]] = {
     'OREPA': ('OREPA', OREPAConv2d),
     'OREPAConv2d': ('OREPA', OREPAConv2d),
-    'DBB': ('DBB', DBBConv2d),
+    'DBB': ('DBB', dbb_conv),
     'DBBConv2d': ('DBB', DBBConv2d),
 }
 

@@ -12,6 +12,7 @@ from mmengine.registry import DefaultScope
 
 import orepa_mm
 from conftest import run
+from orepa_mm.layers import DBBConv2d
 from orepa_mm.layers.orepa import OREPAKxKBranches
 
 
@@ -97,10 +98,12 @@ def test_init_weights_keeps_designed_scales():
 @pytest.mark.parametrize('framework,type_,plain_type', [
     ('mmdet', 'OREPAResNet', 'ResNet'),
     ('mmseg', 'OREPAResNetV1c', 'ResNetV1c'),
+    ('mmdet', 'DBBResNet', 'ResNet'),
+    ('mmseg', 'DBBResNetV1c', 'ResNetV1c'),
 ])
 def test_pretrained_imagenet_checkpoint_loads_function_preserving(framework, type_, plain_type, tmp_path):
     """An ordinary (plain) ResNet checkpoint, as torchvision:// or open-mmlab://
-    would provide, makes the OREPA backbone start as exactly that ResNet."""
+    would provide, makes the OREPA / DBB backbone start as exactly that ResNet."""
     models = _mmdet() if framework == 'mmdet' else _mmseg()
     torch.manual_seed(1)
     plain = models.build(dict(type=plain_type, depth=50, norm_eval=False))
@@ -113,6 +116,7 @@ def test_pretrained_imagenet_checkpoint_loads_function_preserving(framework, typ
     model = models.build(dict(type=type_, depth=50, norm_eval=False,
                               init_cfg=dict(type='Pretrained', checkpoint=str(path))))
     model.init_weights()
+    assert orepa_mm.count_reparam_layers(model) > 0
     plain.eval()
     model.eval()
     x = torch.randn(1, 3, 64, 64)
@@ -189,3 +193,94 @@ def test_import_with_only_one_framework(missing, present, tmp_path):
             "print(type(m).__mro__[2].__module__)\n")
     out = run([sys.executable, '-c', code], cwd=tmp_path, env={'PYTHONPATH': str(tmp_path)})
     assert out.stdout.strip().startswith(present)
+
+
+# -- DBB: the paper's baseline -------------------------------------------------------------
+def _convs(model: nn.Module) -> dict:
+    """name -> conv (plain or re-param) of every conv layer."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, orepa_mm.ReparamConv2d))}
+
+
+@pytest.mark.parametrize('framework,type_,plain_type', [('mmdet', 'DBBResNet', 'ResNet'),
+                                                        ('mmseg', 'DBBResNetV1c', 'ResNetV1c')])
+def test_dbb_resnet_converts_only_the_3x3_convs(framework, type_, plain_type):
+    models = _mmdet() if framework == 'mmdet' else _mmseg()
+    plain = _convs(models.build(dict(type=plain_type, depth=50)))
+    model = models.build(dict(type=type_, depth=50))
+    convs = _convs(model)
+    assert convs.keys() == plain.keys()
+    for name, conv in convs.items():
+        want = DBBConv2d if plain[name].kernel_size == (3, 3) else nn.Conv2d
+        assert type(conv) is want, name
+    if framework == 'mmdet':  # the paper's DBB ResNet-50: 40.68M parameters with the 1000-class classifier
+        params = sum(p.numel() for p in model.parameters()) + 2048 * 1000 + 1000
+        assert abs(params / 1e6 - 40.68) < 0.02, params
+    # every conv, as a named option
+    every = _convs(models.build(dict(type=type_, depth=50, conv_cfg=dict(type='DBB', every_conv=True))))
+    assert all(type(conv) is DBBConv2d for conv in every.values())
+
+
+@pytest.mark.parametrize('every_conv', [False, True])
+def test_dbb_resnet_loads_a_plain_resnet_state_dict_strictly(every_conv):
+    from mmdet.models.backbones import ResNet
+    torch.manual_seed(0)
+    plain = ResNet(depth=18)
+    _randomise_bn(plain, seed=5)
+    model = _mmdet().build(dict(type='DBBResNet', depth=18, conv_cfg=dict(type='DBB', every_conv=every_conv)))
+    _randomise_bn(model, seed=6)  # nothing of the DBB layers' own values may survive into the output
+    model.load_state_dict(plain.state_dict(), strict=True)
+    plain.eval()
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(plain(x), model(x)):
+            assert _rel(a, b) <= 1e-5
+    assert orepa_mm.count_reparam_layers(model) == (20 if every_conv else 16)  # + stem and 3 shortcuts
+    assert {k: v.shape for k, v in orepa_mm.fuse_model(model).state_dict().items()} == \
+        {k: v.shape for k, v in plain.state_dict().items()}
+
+
+def _dbb_norms(module: nn.Module) -> list:
+    return [bn for m in module.modules() if isinstance(m, DBBConv2d) for bn in m.norms()]
+
+
+@pytest.mark.parametrize('framework,type_,stem', [('mmdet', 'DBBResNet', 'conv1'), ('mmseg', 'DBBResNetV1c', 'stem')])
+def test_frozen_stages_freeze_the_bns_inside_dbb_layers(framework, type_, stem):
+    models = _mmdet() if framework == 'mmdet' else _mmseg()
+    model = models.build(dict(type=type_, depth=18, frozen_stages=1, norm_eval=False,
+                              conv_cfg=dict(type='DBB', every_conv=True)))
+    model.train()
+    frozen = _dbb_norms(getattr(model, stem)) + _dbb_norms(model.layer1)
+    trained = _dbb_norms(model.layer2)
+    assert frozen and trained
+    before = [bn.running_mean.clone() for bn in frozen + trained]
+    model(torch.randn(2, 3, 64, 64))
+    after = [bn.running_mean for bn in frozen + trained]
+    assert all(not bn.training for bn in frozen) and all(bn.training for bn in trained)
+    assert all(torch.equal(a, b) for a, b in zip(before[:len(frozen)], after[:len(frozen)])), 'frozen stats moved'
+    assert all(not torch.equal(a, b) for a, b in zip(before[len(frozen):], after[len(frozen):]))
+
+
+def test_norm_eval_freezes_every_bn_inside_dbb_layers_too():
+    """``norm_eval=True``: every BN of the backbone stays in eval mode, the DBB
+    layers' inner ones included, so training starts from the pretrained
+    function (see ReparamResNetMixin); ``norm_eval=False`` trains them."""
+    for norm_eval in (True, False):
+        model = _mmdet().build(dict(type='DBBResNet', depth=18, norm_eval=norm_eval))
+        model.train()
+        norms = _dbb_norms(model)
+        assert len(norms) == 16 * 6
+        assert all(bn.training != norm_eval for bn in norms)
+
+
+def test_dbb_inner_bns_follow_the_backbone_norm_cfg():
+    for models, type_ in ((_mmdet(), 'DBBResNet'), (_mmseg(), 'DBBResNetV1c')):
+        model = models.build(dict(type=type_, depth=18, norm_cfg=dict(type='SyncBN', requires_grad=True)))
+        norms = _dbb_norms(model)
+        assert norms and all(isinstance(bn, nn.SyncBatchNorm) for bn in norms)
+        with pytest.raises(ValueError, match='cannot be folded'):
+            models.build(dict(type=type_, depth=18, norm_cfg=dict(type='GN', num_groups=8)))
+    # a conv_cfg's own norm_cfg wins
+    model = _mmdet().build(dict(type='DBBResNet', depth=18, norm_cfg=dict(type='SyncBN'),
+                                conv_cfg=dict(type='DBB', norm_cfg=dict(type='BN'))))
+    assert all(type(bn) is nn.BatchNorm2d for bn in _dbb_norms(model))

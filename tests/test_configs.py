@@ -12,6 +12,7 @@ import torch
 from mmengine.config import Config
 from mmengine.optim import build_optim_wrapper
 
+import orepa_mm
 from conftest import ROOT
 
 CONFIGS = sorted(p for p in (ROOT / 'configs').rglob('*.py') if '_base_' not in p.parts)
@@ -85,7 +86,63 @@ def test_config_builds_and_trains_one_iteration(path: Path):
     names = {type(m).__name__ for m in model.backbone.modules()}
     if kind == 'OREPA':
         assert 'OREPAConv2d' in names and 'DBBConv2d' not in names
-    elif kind == 'DBB':
+    elif kind == 'DBB':  # the paper's baseline: the 3x3 convs only
         assert 'DBBConv2d' in names and 'OREPAConv2d' not in names
+        for name, m in model.backbone.named_modules():
+            if isinstance(m, (torch.nn.Conv2d, orepa_mm.ReparamConv2d)):
+                assert (type(m).__name__ == 'DBBConv2d') == (m.kernel_size == (3, 3)), name
     else:
         assert not names & {'OREPAConv2d', 'DBBConv2d'}
+
+
+def _backbone_init(cfg: Config) -> object:
+    """What the backbone of ``cfg`` initialises from: its ``init_cfg``, or the
+    model's ``pretrained`` (which mmseg's EncoderDecoder hands to the backbone)."""
+    return cfg.model.backbone.get('init_cfg') or cfg.model.get('pretrained')
+
+
+DBB_CONFIGS = [p for p in CONFIGS if '-dbb' in p.name]
+
+
+@pytest.mark.parametrize('path', DBB_CONFIGS, ids=[p.name for p in DBB_CONFIGS])
+def test_dbb_config_starts_from_the_plain_siblings_weights(path: Path, tmp_path: Path):
+    """The DBB variant initialises from what its plain sibling initialises from
+    (ImageNet for the COCO / Cityscapes configs), and a plain checkpoint given
+    there makes its backbone compute exactly what the plain backbone computes."""
+    cfg = Config.fromfile(str(path))
+    plain_cfg = Config.fromfile(str(path).replace('-dbb', '-plain'))
+    assert _backbone_init(cfg) == _backbone_init(plain_cfg)
+    if 'toy' not in path.parts:
+        assert _backbone_init(cfg), 'the full-size configs start from ImageNet weights'
+    scope = cfg.default_scope
+    importlib.import_module(f'{scope}.utils').register_all_modules(init_default_scope=True)
+    models = importlib.import_module(f'{scope}.registry').MODELS
+    plain_bb = copy.deepcopy(plain_cfg.model.backbone)
+    plain_bb.pop('init_cfg', None)
+    torch.manual_seed(0)
+    plain = models.build(plain_bb)
+    with torch.no_grad():  # pretrained-like values: non-trivial weights and BN statistics
+        for m in plain.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.normal_(m.weight, std=(2.0 / m.weight[0].numel()) ** 0.5)
+            elif isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    checkpoint = tmp_path / 'plain.pth'
+    torch.save({'state_dict': plain.state_dict()}, checkpoint)
+    dbb_bb = copy.deepcopy(cfg.model.backbone)
+    dbb_bb['init_cfg'] = dict(type='Pretrained', checkpoint=str(checkpoint))
+    model = models.build(dbb_bb)
+    model.init_weights()
+    assert orepa_mm.count_reparam_layers(model) > 0
+    if cfg.model.backbone.get('norm_cfg', {}).get('type') == 'SyncBN':
+        assert all(isinstance(bn, torch.nn.SyncBatchNorm)
+                   for m in model.modules() if isinstance(m, orepa_mm.DBBConv2d) for bn in m.norms())
+    plain.eval()
+    model.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(plain(x), model(x)):
+            assert ((a - b).abs().max() / a.abs().max()).item() <= 1e-5

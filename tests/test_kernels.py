@@ -71,6 +71,21 @@ def test_pad_to_kxk(k: int, stride: int, dilation: int) -> None:
             K.pad_to_kxk(*bad)
 
 
+@pytest.mark.parametrize('groups', (1, 2, 6))
+def test_conv_of_constant(groups: int) -> None:
+    """A conv of a per-channel constant map, padded with that constant,
+    outputs ``conv_of_constant`` everywhere (the bias a DBB BN-and-pad
+    branch pushes through its k x k conv)."""
+    kernel, value = dd(6, 6 // groups, 3, 3), dd(6)
+    # 'same' padding with the constant itself: the padded map is constant too
+    padded = value.view(1, 6, 1, 1).expand(2, 6, 9, 7)
+    got = F.conv2d(padded, kernel, None, 2, 0, 1, groups)
+    want = K.conv_of_constant(kernel, value, groups).view(1, 6, 1, 1).expand_as(got)
+    assert_rel_close(got, want, 1e-12, 'conv_of_constant')
+    with pytest.raises(ValueError, match='do not feed'):
+        K.conv_of_constant(kernel, dd(5), groups)
+
+
 @pytest.mark.parametrize('k', (1, 3, 5, 7))
 def test_frequency_prior(k: int) -> None:
     for out in (1, 4, 5, 6):

@@ -1,6 +1,6 @@
 """Re-parameterizable conv layers, one module per family."""
 from .base import ConstantBuffers, ReparamConv2d
-from .dbb import DBBConv2d
+from .dbb import DBBConv2d, dbb_conv
 from .orepa import (
     LARGE_KERNEL_THRESHOLD,
     KernelGenerator,
@@ -12,5 +12,6 @@ from .orepa import (
     build_branches,
 )
 
-__all__ = ['ReparamConv2d', 'ConstantBuffers', 'OREPAConv2d', 'DBBConv2d', 'KernelGenerator', 'OREPA1x1Branches',
-           'OREPAKxKBranches', 'OREPAStackedBranches', 'LARGE_KERNEL_THRESHOLD', 'branch_kind', 'build_branches']
+__all__ = ['ReparamConv2d', 'ConstantBuffers', 'OREPAConv2d', 'DBBConv2d', 'dbb_conv', 'KernelGenerator',
+           'OREPA1x1Branches', 'OREPAKxKBranches', 'OREPAStackedBranches', 'LARGE_KERNEL_THRESHOLD', 'branch_kind',
+           'build_branches']

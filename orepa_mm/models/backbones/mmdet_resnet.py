@@ -31,17 +31,17 @@ class OREPAResNetV1d(ReparamResNetMixin, ResNetV1d):
 
 @MODELS.register_module()
 class DBBResNet(ReparamResNetMixin, ResNet):
-    """mmdet ``ResNet`` with DBB convs; fuses into ``ResNet``."""
+    """mmdet ``ResNet`` with DBB 3x3 convs (the paper's baseline); fuses into ``ResNet``."""
     conv_kind, vanilla_type = 'DBB', 'ResNet'
 
 
 @MODELS.register_module()
 class DBBResNetV1c(ReparamResNetMixin, ResNet):
-    """mmdet ``ResNet(deep_stem=True)`` with DBB convs."""
+    """mmdet ``ResNet(deep_stem=True)`` with DBB 3x3 convs."""
     conv_kind, vanilla_type, default_kwargs = 'DBB', 'ResNet', {'deep_stem': True}
 
 
 @MODELS.register_module()
 class DBBResNetV1d(ReparamResNetMixin, ResNetV1d):
-    """mmdet ``ResNetV1d`` with DBB convs; fuses into ``ResNetV1d``."""
+    """mmdet ``ResNetV1d`` with DBB 3x3 convs; fuses into ``ResNetV1d``."""
     conv_kind, vanilla_type = 'DBB', 'ResNetV1d'

@@ -31,17 +31,17 @@ class OREPAResNetV1d(ReparamResNetMixin, ResNetV1d):
 
 @MODELS.register_module()
 class DBBResNet(ReparamResNetMixin, ResNet):
-    """mmseg ``ResNet`` with DBB convs; fuses into ``ResNet``."""
+    """mmseg ``ResNet`` with DBB 3x3 convs (the paper's baseline); fuses into ``ResNet``."""
     conv_kind, vanilla_type = 'DBB', 'ResNet'
 
 
 @MODELS.register_module()
 class DBBResNetV1c(ReparamResNetMixin, ResNetV1c):
-    """mmseg ``ResNetV1c`` with DBB convs; fuses into ``ResNetV1c``."""
+    """mmseg ``ResNetV1c`` with DBB 3x3 convs (the paper's baseline); fuses into ``ResNetV1c``."""
     conv_kind, vanilla_type = 'DBB', 'ResNetV1c'
 
 
 @MODELS.register_module()
 class DBBResNetV1d(ReparamResNetMixin, ResNetV1d):
-    """mmseg ``ResNetV1d`` with DBB convs; fuses into ``ResNetV1d``."""
+    """mmseg ``ResNetV1d`` with DBB 3x3 convs (the paper's baseline); fuses into ``ResNetV1d``."""
     conv_kind, vanilla_type = 'DBB', 'ResNetV1d'
