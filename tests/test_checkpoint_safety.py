@@ -1,30 +1,463 @@
-"""Weights-only loading of mmengine checkpoints under torch >= 2.6: importing
-orepa_mm allowlists exactly the globals real mmdet/mmseg checkpoints hold,
-and a checkpoint with any other global (a pickled os.system call) is refused."""
+"""Weights-only loading of mmengine checkpoints under torch >= 2.6.
+
+Importing orepa_mm allowlists inert data types by kind (every numpy dtype,
+numpy reconstruction, bytes, HistoryBuffer and its statistics methods); every
+value of those kinds loads through ``torch.load(weights_only=True)``,
+mmengine's ``load_checkpoint`` and ``load_checkpoint_file``, and real
+checkpoints of a run that logs float32 values go through ``mim test`` and
+``--resume``.  Pickles that act (os.system, subprocess.Popen, eval, exec, a
+class with a malicious ``__setstate__``, getattr chains) and forged numpy
+dtypes are refused, with no side effect.
+"""
 from __future__ import annotations
 
+import builtins
 import os
 import pickle
+import pickletools
+import subprocess
 import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Tuple
 
+import numpy as np
 import pytest
 import torch
+from mmengine.logging import HistoryBuffer
+from mmengine.runner.checkpoint import CheckpointLoader
+from mmengine.runner.checkpoint import load_checkpoint as mmengine_load_checkpoint
 
-from conftest import run
+import orepa_mm  # noqa: F401  (installs the allowlist)
+from conftest import SEG_CFG, bin_path, run
+from orepa_mm import checkpoint as ckpt_io
+from orepa_mm.checkpoint import CheckpointError, load_checkpoint_file, safe_globals
 
-pytestmark = pytest.mark.slow
 
-
-def _name(obj) -> str:
+def _name(obj: Any) -> str:
     return f'{obj.__module__}.{obj.__qualname__}'
 
 
-def _numpy_dtype_classes(obj, found: set) -> set:
-    """Names of the numpy dtype classes of the arrays/scalars inside ``obj``
-    (the unpickler needs them to restore dtype state)."""
-    import numpy as np
+def _entry_names() -> Dict[str, Any]:
+    """Pickled name -> allowlisted object, as torch resolves them."""
+    names = {}
+    for entry in safe_globals():
+        obj, name = entry if isinstance(entry, tuple) else (entry, _name(entry))
+        names[name] = obj
+    return names
+
+
+# -- the allowlist is made of inert kinds --------------------------------------------
+def test_allowlist_entries_are_inert_data_kinds():
+    core = np._core if hasattr(np, '_core') else np.core
+    reconstruction = {core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray}
+    stringdtype = getattr(getattr(core, '_internal', None), '_convert_to_stringdtype_kwargs', None)
+    if stringdtype is not None:
+        reconstruction.add(stringdtype)
+    kinds: Dict[str, List[str]] = {}
+    for name, obj in _entry_names().items():
+        if isinstance(obj, type) and issubclass(obj, np.dtype):
+            kind = 'numpy dtype class'
+        elif obj in reconstruction:
+            kind = 'numpy reconstruction'
+            assert name.rsplit('.', 1)[-1] == obj.__name__ and name.split('.')[0] == 'numpy', name
+        elif obj is bytes:
+            kind = 'bytes'
+        elif obj is ckpt_io._history_buffer_getattr and name == 'builtins.getattr':
+            kind = 'restricted getattr'
+        elif obj is HistoryBuffer:
+            kind = 'HistoryBuffer'
+        else:
+            raise AssertionError(f'allowlisted {name} -> {obj!r} is none of the inert kinds')
+        kinds.setdefault(kind, []).append(name)
+    assert set(kinds) == {'numpy dtype class', 'numpy reconstruction', 'bytes', 'restricted getattr',
+                          'HistoryBuffer'}, kinds
+    # By kind, not by sighting: every numpy scalar type's dtype class is there.
+    allowed = set(_entry_names().values())
+    missing = {type(np.dtype(t)) for t in set(np.sctypeDict.values())} - allowed
+    assert not missing, f'numpy dtype classes missing from the allowlist: {sorted(map(str, missing))}'
+    # The real getattr is never allowlisted: its pickled name is bound to the restricted one.
+    assert builtins.getattr not in allowed
+    assert _entry_names()['builtins.getattr'] is ckpt_io._history_buffer_getattr
+
+
+def test_restricted_getattr_returns_only_statistics_methods():
+    for name in ckpt_io.HISTORY_BUFFER_STATISTICS:
+        assert ckpt_io._history_buffer_getattr(HistoryBuffer, name) is getattr(HistoryBuffer, name)
+    for obj, name in [(HistoryBuffer, '__init__'), (HistoryBuffer, 'register_statistics'),
+                      (HistoryBuffer, '__dict__'), (HistoryBuffer(), 'mean'), (HistoryBuffer.mean, '__globals__'),
+                      (np.zeros(1), 'tofile'), (os, 'system'), (HistoryBuffer, np.str_('min_'))]:
+        with pytest.raises(pickle.UnpicklingError, match='getattr only for HistoryBuffer'):
+            ckpt_io._history_buffer_getattr(obj, name)
+
+
+def test_install_is_idempotent():
+    before = set(torch.serialization.get_safe_globals())
+    loaders = dict(CheckpointLoader._schemes)
+    ckpt_io.install_safe_globals()
+    ckpt_io.install_safe_globals()
+    assert set(torch.serialization.get_safe_globals()) == before
+    assert dict(CheckpointLoader._schemes) == loaders
+    local = CheckpointLoader._schemes['']
+    assert local.__orepa_mm_checked__ and not getattr(local.__wrapped__, '__orepa_mm_checked__', False)
+    assert local.__name__ == 'load_from_local'  # mmengine logs "Loads checkpoint by local backend"
+
+
+# -- every numpy dtype, as scalar and as array ---------------------------------------------
+def _numpy_array(scalar_type: type) -> np.ndarray:
+    """A small array of ``scalar_type`` with distinct, non-zero values."""
+    kind = np.dtype(scalar_type).kind
+    if kind == 'b':
+        return np.array([True, False, True], dtype=scalar_type)
+    if kind in 'iu':
+        return np.array([1, 7, 100], dtype=scalar_type)
+    if kind == 'f':
+        return np.array([0.5, -1.25, 3.0], dtype=scalar_type)
+    if kind == 'c':
+        return np.array([1 + 2j, -0.5j, 3], dtype=scalar_type)
+    if kind == 'M':
+        return np.array(['2024-01-02T03:04:05', '1999-12-31T23:59:59', 'NaT'], dtype='datetime64[s]')
+    if kind == 'm':
+        return np.array([5, -3, 0], dtype='timedelta64[ms]')
+    if kind == 'U':
+        return np.array(['a', 'bcd', 'é'], dtype=scalar_type)
+    if kind == 'S':
+        return np.array([b'a', b'bcd', b'\x00\xff'], dtype=scalar_type)
+    if kind == 'V':
+        return np.array([b'\x01\x02\x03', b'abc', b'\xff\x00\x01'], dtype='V3')
+    if kind == 'O':
+        return np.array([1, 'two', (3.0, None)], dtype=object)
+    raise AssertionError(f'no sample for numpy kind {kind!r} ({scalar_type})')
+
+
+SCALAR_TYPES = sorted(set(np.sctypeDict.values()), key=lambda t: t.__name__)
+
+
+def _numpy_cases() -> List[Tuple[str, Any]]:
+    cases = []
+    for t in SCALAR_TYPES:
+        arr = _numpy_array(t)
+        cases.append((f'{t.__name__}-scalar', arr[1]))
+        cases.append((f'{t.__name__}-array', arr))
+    big_endian = np.dtype('>f4')
+    cases += [
+        ('float32-big-endian-array', np.arange(4, dtype=big_endian)),
+        ('int64-big-endian-scalar', np.arange(3, dtype='>i8')[2]),
+        ('float32-fortran-2d-array', np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))),
+        ('structured-array', np.array([(1.5, 2, b'x'), (-1.0, 3, b'yz')], dtype=[('a', '<f4'), ('b', '>i8'),
+                                                                                  ('c', 'S2')])),
+        ('structured-aligned-array', np.zeros(2, dtype=np.dtype([('a', 'i1'), ('b', 'f8')], align=True))),
+        ('structured-subarray-field-array', np.ones(2, dtype=[('a', 'f4', (2, 3)), ('b', 'u1')])),
+        ('structured-object-field-array', np.array([(1.0, 'x'), (2.0, None)], dtype=[('a', 'f4'), ('b', 'O')])),
+        ('structured-titles-array', np.zeros(1, dtype={'names': ['a'], 'formats': ['f4'], 'titles': ['T']})),
+        ('structured-scalar', np.array([(1.5, 2)], dtype=[('a', 'f4'), ('b', 'i2')])[0]),
+        ('datetime64-days-scalar', np.datetime64('2024-02-29', 'D')),
+        ('float32-0d-array', np.array(np.float32(2.5))),
+        ('float32-empty-array', np.zeros((0, 3), dtype=np.float32)),
+        ('dtype-float32', np.dtype('float32')),
+        ('dtype-subarray', np.dtype(('f4', (2, 3)))),
+        ('dtype-metadata', np.dtype('f8', metadata={'unit': 'm'})),
+    ]
+    if hasattr(np, 'dtypes') and hasattr(np.dtypes, 'StringDType'):
+        cases.append(('StringDType-array', np.array(['a', 'bb', ''], dtype=np.dtypes.StringDType())))
+    return cases
+
+
+NUMPY_CASES = _numpy_cases()
+
+
+def _same(got: Any, expected: Any) -> bool:
+    if type(got) is not type(expected):
+        return False
+    if isinstance(expected, np.dtype):
+        return got == expected and got.str == expected.str and got.metadata == expected.metadata
+    if isinstance(expected, (np.ndarray, np.generic)):
+        if got.dtype != expected.dtype or got.dtype.str != expected.dtype.str or got.shape != expected.shape:
+            return False
+        if isinstance(expected, np.ndarray) and expected.flags.f_contiguous != got.flags.f_contiguous:
+            return False
+        if expected.dtype.hasobject or not getattr(type(expected.dtype), '_legacy', True):
+            return got.tolist() == expected.tolist()
+        return got.tobytes() == expected.tobytes()
+    return got == expected
+
+
+def _load_torch(path: Path) -> Any:
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def _load_mmengine(path: Path) -> Any:
+    model = torch.nn.Linear(2, 1)
+    checkpoint = mmengine_load_checkpoint(model, str(path), map_location='cpu', strict=True)
+    assert torch.equal(model.weight, torch.full((1, 2), 0.5))
+    return checkpoint
+
+
+def _load_orepa(path: Path) -> Any:
+    return load_checkpoint_file(str(path))
+
+
+LOADERS: Dict[str, Callable[[Path], Any]] = {'torch.load': _load_torch, 'mmengine.load_checkpoint': _load_mmengine,
+                                              'load_checkpoint_file': _load_orepa}
+
+
+def _save(value: Any, path: Path) -> Path:
+    torch.save({'meta': {'v': value}, 'state_dict': {'weight': torch.full((1, 2), 0.5), 'bias': torch.zeros(1)}},
+               path)
+    return path
+
+
+def test_numpy_cases_cover_every_dtype_class():
+    covered = {type(v if isinstance(v, np.dtype) else v.dtype) for _, v in NUMPY_CASES
+               if isinstance(v, (np.dtype, np.ndarray, np.generic))}
+    missing = set(ckpt_io.numpy_dtype_classes()) - covered
+    assert not missing, f'dtype classes without a test case: {sorted(map(str, missing))}'
+
+
+@pytest.mark.parametrize('loader', list(LOADERS))
+@pytest.mark.parametrize('case,value', NUMPY_CASES, ids=[c for c, _ in NUMPY_CASES])
+def test_every_numpy_dtype_loads_weights_only(tmp_path, case, value, loader):
+    loaded = LOADERS[loader](_save(value, tmp_path / 'v.pth'))['meta']['v']
+    # The reference is what an unrestricted unpickler gives: numpy's pickles turn
+    # np.longlong into the equal np.int64 and big-endian arrays into native ones.
+    expected = pickle.loads(pickle.dumps(value, protocol=2))
+    if not isinstance(value, np.dtype):
+        assert repr(np.asarray(expected).tolist()) == repr(np.asarray(value).tolist()), (expected, value)
+    assert _same(loaded, expected), f'{case}: {loaded!r} != {expected!r}'
+
+
+def test_numpy_values_were_refused_without_the_allowlist(tmp_path):
+    """What the allowlist fixes: in a process without orepa_mm, a float32 scalar is refused."""
+    path = _save(np.float32(1.5), tmp_path / 'f32.pth')
+    code = f'import torch\ntorch.load({str(path)!r}, weights_only=True)\n'
+    out = run([sys.executable, '-c', code], cwd=tmp_path, check=False)
+    assert out.returncode != 0 and 'Unsupported global' in out.stderr, out.stderr[-2000:]
+
+
+# -- HistoryBuffer ------------------------------------------------------------------------
+HISTORY_BUFFERS = {
+    'empty': lambda: HistoryBuffer(),
+    'float32': lambda: HistoryBuffer([np.float32(0.5), np.float32(1.5), np.float32(4.0)], [1, 1, 2]),
+    'float64': lambda: HistoryBuffer([0.25, 0.75], [1, 1]),
+}
+
+
+def test_history_buffer_pickles_statistics_as_getattr():
+    """Why getattr is allowlisted at all: HistoryBuffer pickles its statistics methods as getattr calls."""
+    ops = {arg for op, arg, _ in pickletools.genops(pickle.dumps(HistoryBuffer(), protocol=2))
+           if op.name == 'GLOBAL'}
+    assert '__builtin__ getattr' in ops and '__builtin__ bytes' in ops, ops
+
+
+@pytest.mark.parametrize('loader', list(LOADERS))
+@pytest.mark.parametrize('kind', list(HISTORY_BUFFERS))
+def test_history_buffer_loads_weights_only(tmp_path, kind, loader):
+    buffer = HISTORY_BUFFERS[kind]()
+    loaded = LOADERS[loader](_save({'loss': buffer}, tmp_path / 'hb.pth'))['meta']['v']['loss']
+    assert type(loaded) is HistoryBuffer and loaded.max_length == buffer.max_length
+    for got, expected in zip(loaded.data, buffer.data):
+        assert _same(got, expected), (got, expected)
+    if kind == 'float32':
+        assert loaded.data[0].dtype == np.float32
+    if len(buffer.data[0]):
+        assert loaded.statistics('mean') == buffer.statistics('mean')
+        assert loaded.current() == buffer.current()
+    # Loading registered nothing but HistoryBuffer's own statistics methods.
+    for name in ckpt_io.HISTORY_BUFFER_STATISTICS:
+        assert HistoryBuffer._statistics_methods[name] is getattr(HistoryBuffer, name)
+
+
+# -- hostile pickles ------------------------------------------------------------------------
+class _Reduce:
+    """Pickles as ``fn(*args)`` (with optional dict items set on the result)."""
+
+    def __init__(self, fn: Any, args: tuple, dict_items: list = ()) -> None:
+        self.fn, self.args, self.dict_items = fn, args, list(dict_items)
+
+    def __reduce__(self):
+        return (self.fn, self.args, None, None, iter(self.dict_items) if self.dict_items else None)
+
+
+class _EvilSetstate:
+    """Arbitrary class whose ``__setstate__`` acts."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __setstate__(self, state: dict) -> None:
+        Path(state['marker']).touch()
+
+
+_PWNED_KEY = '__orepa_mm_test_pwned__'
+
+
+def _hostile(kind: str, marker: Path) -> Tuple[Any, str, Callable[[], bool]]:
+    """(payload, what the refusal must name, did-it-act check) for ``kind``."""
+    touched = marker.exists
+    m = str(marker)
+    if kind == 'os.system':
+        return _Reduce(os.system, (f'touch {m}',)), 'system', touched
+    if kind == 'subprocess.Popen':
+        return _Reduce(subprocess.Popen, (['touch', m],)), 'Popen', touched
+    if kind == 'builtins.eval':
+        return _Reduce(builtins.eval, (f"open({m!r}, 'w').close()",)), 'eval', touched
+    if kind == 'builtins.exec':
+        return _Reduce(builtins.exec, (f"open({m!r}, 'w').close()",)), 'exec', touched
+    if kind == 'malicious __setstate__':
+        return _EvilSetstate(m), '_EvilSetstate', touched
+    if kind == 'getattr ndarray.tofile':
+        # torch's default _rebuild_from_type_v2 calls whatever it is given: with
+        # the real getattr that writes any file with any content.
+        data = np.frombuffer(b'import os\n', dtype=np.uint8).copy()
+        payload = _Reduce(torch._tensor._rebuild_from_type_v2,
+                          (_Reduce(getattr, (data, 'tofile')), torch.Tensor, (m,), None))
+        return payload, 'getattr', touched
+    if kind == 'getattr __globals__':
+        module = sys.modules[HistoryBuffer.__module__]
+        return (_Reduce(getattr, (HistoryBuffer.mean, '__globals__'), [(_PWNED_KEY, m)]), 'getattr',
+                lambda: hasattr(module, _PWNED_KEY))
+    if kind == 'getattr __builtins__':
+        return (_Reduce(getattr, (HistoryBuffer.mean, '__builtins__'), [(_PWNED_KEY, m)]), 'getattr',
+                lambda: hasattr(builtins, _PWNED_KEY))
+    raise AssertionError(kind)
+
+
+HOSTILE = ['os.system', 'subprocess.Popen', 'builtins.eval', 'builtins.exec', 'malicious __setstate__',
+           'getattr ndarray.tofile', 'getattr __globals__', 'getattr __builtins__']
+
+
+def _undo(marker: Path) -> None:
+    marker.unlink(missing_ok=True)
+    for namespace in (sys.modules[HistoryBuffer.__module__].__dict__, builtins.__dict__):
+        namespace.pop(_PWNED_KEY, None)
+
+
+@pytest.mark.parametrize('kind', HOSTILE)
+def test_hostile_payload_acts_when_unpickled_unsafely(tmp_path, kind):
+    """The payloads are live: a plain unpickler (weights_only=False) runs them."""
+    marker = tmp_path / 'pwned'
+    payload, _, acted = _hostile(kind, marker)
+    path = _save(payload, tmp_path / 'evil.pth')
+    try:
+        try:
+            torch.load(path, weights_only=False)
+        except Exception:
+            pass  # some payloads act, then fail to build the rest
+        deadline = time.monotonic() + 10  # Popen runs in the background
+        while not acted() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert acted(), f'{kind}: the payload did not act, so the refusal test proves nothing'
+    finally:
+        _undo(marker)
+
+
+@pytest.mark.parametrize('loader', list(LOADERS))
+@pytest.mark.parametrize('kind', HOSTILE)
+def test_hostile_payload_is_refused_without_side_effect(tmp_path, kind, loader):
+    marker = tmp_path / 'pwned'
+    payload, named, acted = _hostile(kind, marker)
+    path = _save(payload, tmp_path / 'evil.pth')
+    try:
+        expected = CheckpointError if loader == 'load_checkpoint_file' else pickle.UnpicklingError
+        with pytest.raises(expected) as info:
+            LOADERS[loader](path)
+        if loader == 'load_checkpoint_file':
+            message = str(info.value)
+            assert '\n' not in message and 'allowlist' in message and named in message, message
+        time.sleep(0.2)  # what Popen would have started
+        assert not acted(), f'{kind} acted while being refused'
+    finally:
+        _undo(marker)
+
+
+# -- forged numpy dtypes (loadable by torch, refused after loading) ----------------------------
+class _Dtype:
+    """Pickles as ``np.dtype(spec, False, True)`` with a hand-written state (none: no BUILD)."""
+
+    def __init__(self, spec: str, state: Any = None) -> None:
+        self.spec, self.state = spec, state
+
+    def __reduce__(self):
+        if self.state is None:
+            return (np.dtype, (self.spec, False, True))
+        return (np.dtype, (self.spec, False, True), self.state)
+
+
+class _Array:
+    """Pickles as an ndarray of ``dtype`` holding ``data`` (raw bytes)."""
+
+    def __init__(self, dtype: Any, data: bytes, n: int = 1) -> None:
+        self.dtype, self.data, self.n = dtype, data, n
+
+    def __reduce__(self):
+        core = np._core if hasattr(np, '_core') else np.core
+        return (core.multiarray._reconstruct, (np.ndarray, (0,), b'b'), (1, (self.n,), self.dtype, False, self.data))
+
+
+_OBJ = _Dtype('O8')  # an object dtype, built without state
+FORGED = {
+    # a float64 dtype given an object field: arr['a'] reads 0x4141... as a PyObject pointer
+    'float64 with object field': _Array(_Dtype('f8', (3, '<', None, ('a',), {'a': (_OBJ, 0)}, -1, -1, 0)),
+                                        b'A' * 8),
+    'bare forged dtype': _Dtype('f8', (3, '<', None, ('a',), {'a': (_OBJ, 0)}, -1, -1, 0)),
+    'struct with overlapping object field': _Array(
+        _Dtype('V8', (3, '|', None, ('a', 'b'), {'a': (_OBJ, 0), 'b': (np.dtype('f8'), 0)}, 8, 1, 0)), b'A' * 8),
+    'struct with object field, flags cleared': _Array(
+        _Dtype('V16', (3, '|', None, ('a', 'b'), {'a': (np.dtype('f8'), 0), 'b': (_OBJ, 8)}, 16, 1, 0)), b'A' * 16),
+    'field outside the item': _Array(
+        _Dtype('V4', (3, '|', None, ('a',), {'a': (np.dtype('f8'), 1000)}, 4, 1, 0)), b'A' * 4),
+    'field not in names': _Array(
+        _Dtype('V8', (3, '|', None, ('a',), {'a': (np.dtype('f8'), 0), 'evil': (_OBJ, 0)}, 8, 1, 0)), b'A' * 8),
+    'float64 with subarray': _Dtype('f8', (3, '<', (_OBJ, (4,)), None, None, -1, -1, 0)),
+    'str itemsize not a multiple of 4': _Array(_Dtype('U1', (3, '<', None, None, None, 3, 4, 0)), b'A' * 3),
+}
+
+
+@pytest.mark.parametrize('loader', ['mmengine.load_checkpoint', 'load_checkpoint_file'])
+@pytest.mark.parametrize('kind', list(FORGED))
+def test_forged_numpy_dtype_is_refused(tmp_path, kind, loader):
+    path = _save(FORGED[kind], tmp_path / 'forged.pth')
+    with pytest.raises(CheckpointError, match='forged numpy dtype') as info:
+        LOADERS[loader](path)
+    assert '\n' not in str(info.value) and "checkpoint['meta']['v']" in str(info.value), str(info.value)
+
+
+def test_forged_dtype_check_reads_no_data(tmp_path):
+    """The check refuses a forged array before touching its memory; a real
+    array of the same layout passes."""
+    good = np.array([(1.0, 'x')], dtype=[('a', 'f8'), ('b', 'O')])
+    ckpt_io.check_numpy_values({'v': good})
+    with pytest.raises(CheckpointError, match=r"checkpoint\['v'\].*flags"):
+        ckpt_io.check_numpy_values({'v': _load_torch(_save(FORGED['struct with object field, flags cleared'],
+                                                           tmp_path / 'f.pth'))['meta']['v']})
+
+
+# -- real checkpoints ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_allowlist_covers_real_checkpoints(det_run, seg_run, f32_run):
+    """Every global that real mmdet/mmseg checkpoints (one of them from a run
+    that logs float32 values) hold, and the dtype class of every numpy value
+    in them, is allowlisted."""
+    allowed_names = set(_entry_names())
+    allowed = set(_entry_names().values())
+    found_names, found_classes = set(), set()
+    for ckpt in (det_run['ckpt'], seg_run['ckpt'], f32_run['ckpt']):
+        # In a fresh process: once orepa_mm is imported, torch stops reporting allowlisted globals.
+        out = run([sys.executable, '-c', 'import sys, torch; print("\\n".join('
+                   'torch.serialization.get_unsafe_globals_in_checkpoint(sys.argv[1])))', str(ckpt)],
+                  cwd=ckpt.parent)
+        found_names |= set(out.stdout.split())
+        _numpy_dtype_classes(torch.load(ckpt, map_location='cpu', weights_only=True), found_classes)
+    assert {'builtins.getattr', 'mmengine.logging.history_buffer.HistoryBuffer'} <= found_names, found_names
+    assert found_names <= allowed_names, f'globals missing from the allowlist: {sorted(found_names - allowed_names)}'
+    assert type(np.dtype('float32')) in found_classes, found_classes
+    assert found_classes <= allowed, f'dtype classes missing: {sorted(map(str, found_classes - allowed))}'
+
+
+def _numpy_dtype_classes(obj: Any, found: set) -> set:
+    """The dtype classes of the numpy values inside ``obj``."""
     if isinstance(obj, (np.ndarray, np.generic)):
-        found.add(_name(type(obj.dtype)))
+        found.add(type(obj.dtype))
     elif isinstance(obj, dict):
         for v in obj.values():
             _numpy_dtype_classes(v, found)
@@ -36,22 +469,7 @@ def _numpy_dtype_classes(obj, found: set) -> set:
     return found
 
 
-def test_allowlist_is_exactly_what_real_checkpoints_hold(det_run, seg_run):
-    from orepa_mm.checkpoint import safe_globals
-    allowed = {_name(g) for g in safe_globals()}
-    found = set()
-    for ckpt in (det_run['ckpt'], seg_run['ckpt']):
-        # In a fresh process: once orepa_mm is imported, torch stops reporting
-        # the allowlisted globals as unsafe.
-        out = run([sys.executable, '-c', 'import sys, torch; print("\\n".join('
-                   'torch.serialization.get_unsafe_globals_in_checkpoint(sys.argv[1])))', str(ckpt)],
-                  cwd=ckpt.parent)
-        found |= set(out.stdout.split())
-        _numpy_dtype_classes(torch.load(ckpt, map_location='cpu'), found)
-    assert found <= allowed, f'globals missing from the allowlist: {sorted(found - allowed)}'
-    assert allowed <= found, f'allowlisted but never seen in a checkpoint: {sorted(allowed - found)}'
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize('with_plugin', [True, False])
 def test_default_torch_load_of_mmengine_checkpoint(det_run, with_plugin, tmp_path):
     code = ('import torch\n' + ('import orepa_mm\n' if with_plugin else '')
@@ -64,26 +482,72 @@ def test_default_torch_load_of_mmengine_checkpoint(det_run, with_plugin, tmp_pat
         assert out.returncode != 0 and 'Unsupported global' in out.stderr
 
 
-class _Exploit:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
+F32_HOOK = '''"""A hook that logs float32 values into the message hub, as a metric computed with numpy does."""
+import numpy as np
+from mmengine.hooks import Hook
+from mmengine.logging import HistoryBuffer
+from mmengine.registry import HOOKS
 
-    def __reduce__(self):
-        return (os.system, (f'touch {self.marker}',))
+
+@HOOKS.register_module()
+class Float32LogHook(Hook):
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        hub = runner.message_hub
+        value = np.float32(0.25 * (runner.iter + 1))
+        hub.update_scalar('train/f32_metric', value)
+        hub.update_info('f32_metric', value)
+        hub.update_info('f32_array', np.full(3, value, dtype=np.float32))
+        hub.update_info('f16_metric', np.float16(value))
+        hub.update_info('int32_count', np.int32(runner.iter))
+        hub.update_info('bool_flag', np.bool_(True))
+        hub.update_info('f32_history', HistoryBuffer([value, value], [1, 1]))
+'''
+F32_ITERS = 2
 
 
-def test_checkpoint_with_os_system_is_refused(tmp_path):
-    from mmengine.runner import load_checkpoint
+@pytest.fixture(scope='module')
+def f32_run(toy_root: Path, tmp_path_factory) -> dict:
+    """A toy PSPNet run (2 iterations) with :data:`F32_HOOK`; its checkpoint."""
+    d = tmp_path_factory.mktemp('f32_run')
+    (d / 'f32_hook.py').write_text(F32_HOOK)
+    cfg = d / 'pspnet_f32-hook_toy.py'
+    cfg.write_text(f'_base_ = [{str(SEG_CFG)!r}]\n'
+                   "custom_imports = dict(imports=['orepa_mm', 'f32_hook'], allow_failed_imports=False)\n"
+                   "custom_hooks = [dict(type='Float32LogHook')]\n")
+    work = d / 'work'
+    env = {'PYTHONPATH': os.pathsep.join(filter(None, [str(d), os.environ.get('PYTHONPATH')]))}
+    options = ['default_hooks.logger.interval=1', 'train_cfg.val_interval=1000']
+    train = run([bin_path('mim'), 'train', 'mmseg', str(cfg), '--work-dir', str(work), '--cfg-options',
+                 f'train_cfg.max_iters={F32_ITERS}', f'default_hooks.checkpoint.interval={F32_ITERS}', *options],
+                cwd=toy_root, env=env)
+    ckpt = work / f'iter_{F32_ITERS}.pth'
+    assert ckpt.is_file(), train.stdout[-2000:]
+    return dict(cfg=cfg, work=work, ckpt=ckpt, env=env, options=options)
 
-    import orepa_mm  # noqa: F401  (installs the allowlist)
-    from orepa_mm.checkpoint import CheckpointError, load_checkpoint_file
-    marker = tmp_path / 'pwned'
-    path = tmp_path / 'evil.pth'
-    torch.save({'state_dict': {'w': torch.zeros(1)}, 'meta': _Exploit(str(marker))}, path)
-    with pytest.raises(pickle.UnpicklingError, match='system'):
-        torch.load(path)
-    with pytest.raises(pickle.UnpicklingError):
-        load_checkpoint(torch.nn.Linear(1, 1), str(path))
-    with pytest.raises(CheckpointError, match='allowlist'):
-        load_checkpoint_file(str(path))
-    assert not marker.exists()
+
+@pytest.mark.slow
+def test_float32_run_checkpoint_tests_and_resumes(f32_run, toy_root):
+    ckpt = f32_run['ckpt']
+    loaded = torch.load(ckpt, map_location='cpu', weights_only=True)
+    info = loaded['message_hub']['runtime_info']
+    # The checkpoint really holds what the issue found refused.
+    assert type(info['f32_metric']) is np.float32 and info['f32_metric'] == np.float32(0.25 * F32_ITERS)
+    assert info['f32_array'].dtype == np.float32 and type(info['f16_metric']) is np.float16
+    assert type(info['int32_count']) is np.int32 and type(info['bool_flag']) is np.bool_
+    assert info['f32_history'].data[0].dtype == np.float32
+    assert 'train/f32_metric' in loaded['message_hub']['log_scalars']
+    load_checkpoint_file(str(ckpt))
+
+    test = run([bin_path('mim'), 'test', 'mmseg', str(f32_run['cfg']), '--checkpoint', str(ckpt), '--work-dir',
+                str(f32_run['work'] / 'test')], cwd=toy_root, env=f32_run['env'])
+    assert 'mIoU' in test.stdout + test.stderr, (test.stdout + test.stderr)[-3000:]
+
+    more = F32_ITERS + 2
+    resume = run([bin_path('mim'), 'train', 'mmseg', str(f32_run['cfg']), '--work-dir', str(f32_run['work']),
+                  '--resume', '--cfg-options', f'load_from={ckpt}', f'train_cfg.max_iters={more}',
+                  f'default_hooks.checkpoint.interval={more}', *f32_run['options']],
+                 cwd=toy_root, env=f32_run['env'])
+    log = resume.stdout + resume.stderr
+    assert f'resumed epoch: 0, iter: {F32_ITERS}' in log, log[-3000:]
+    resumed = torch.load(f32_run['work'] / f'iter_{more}.pth', map_location='cpu', weights_only=True)
+    assert resumed['message_hub']['runtime_info']['f32_metric'] == np.float32(0.25 * more)
