@@ -62,17 +62,10 @@ def test_counter_ignores_no_grad() -> None:
     assert counter.nbytes == 0 and not y.requires_grad
 
 
-def test_dbb_kxk_variant_converts_only_kxk_convs() -> None:
-    from orepa_mm import DBBConv2d
-    assert isinstance(workloads.dbb_kxk_conv(4, 8, 3, padding=1, bias=False), DBBConv2d)
-    for k in (1, 7):
-        conv = workloads.dbb_kxk_conv(4, 8, k, stride=2, padding=k // 2, bias=False)
-        assert type(conv) is nn.Conv2d and conv.stride == (2, 2) and conv.bias is None
-
-
 def test_swap_convs_replaces_each_variants_convs() -> None:
-    """The tv-faster-rcnn workload's conv swap: every conv for OREPA/DBB, the
-    3x3 ones for dbb-kxk, nothing for plain; arguments and frozen flags kept."""
+    """The tv-faster-rcnn workload's conv swap: every conv for OREPA, the 3x3
+    ones for DBB (the paper's baseline), nothing for plain; arguments and
+    frozen flags kept."""
     from orepa_mm import DBBConv2d, OREPAConv2d
 
     def body() -> nn.Sequential:
@@ -80,7 +73,7 @@ def test_swap_convs_replaces_each_variants_convs() -> None:
         return nn.Sequential(frozen, nn.Sequential(nn.Conv2d(8, 8, 3, 1, 2, 2), nn.ReLU(), nn.Conv2d(8, 16, 1)))
 
     expected = {'plain': (nn.Conv2d, nn.Conv2d, nn.Conv2d), 'orepa': (OREPAConv2d,) * 3,
-                'dbb': (DBBConv2d,) * 3, 'dbb-kxk': (nn.Conv2d, DBBConv2d, nn.Conv2d)}
+                'dbb': (nn.Conv2d, DBBConv2d, nn.Conv2d)}
     for variant, types in expected.items():
         model = body()
         before = [(m.kernel_size, m.stride, m.padding, m.dilation, m.in_channels, m.out_channels)
@@ -178,7 +171,9 @@ def test_cli_smoke(tmp_path: Path) -> None:
         assert result['train_ops'] == sum(result['train_ops_by_op'].values()) > 0
         assert result['fused_reparam_layers'] == 0
     assert res['variants']['plain']['reparam_layers'] == 0
-    assert res['variants']['orepa']['reparam_layers'] == res['variants']['dbb']['reparam_layers'] > 0
+    # OREPA converts every conv of ResNet-18 (20), DBB its 3x3 convs (16).
+    assert res['variants']['orepa']['reparam_layers'] == 20
+    assert res['variants']['dbb']['reparam_layers'] == 16
     for key in ('train_step_s', 'saved_activation_bytes', 'param_grad_optimizer_bytes', 'eval_unfused_s',
                 'eval_fused_s', 'params', 'train_ops'):
         assert res['ratios']['plain'][key] == 1.0

@@ -250,13 +250,15 @@ def cli(args: List[str], capsys: pytest.CaptureFixture) -> Tuple[int, str, str]:
 # -- tests ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('cout', [2, 5, 16, 64])
+@pytest.mark.parametrize('cout', [2, 6, 16, 64])
 def test_prior_rotation_sign(cout: int) -> None:
     """Rotating the 3x3 frequency prior by 180 degrees multiplies each row by the sign the converter uses."""
     basis = orepa_mm.kernels.frequency_prior(cout, 3, dtype=torch.float64)
     sign = crc._prior_rotation_sign(cout)
+    assert set(sign.tolist()) <= {-1.0, 1.0}
     assert torch.allclose(basis.flip(-1, -2), sign[:, None, None] * basis, rtol=0, atol=1e-12)
-    assert (sign == -1).any() and (sign == 1).any() or cout < 2
+    with pytest.raises(crc.ConversionError, match='odd width'):
+        crc._prior_rotation_sign(cout + 1)
 
 
 def test_stem_mapping_reproduces_cross_correlation() -> None:

@@ -61,7 +61,7 @@ if REPO not in sys.path:  # run from a checkout without orepa_mm installed
 
 from benchmark_lib import report as rep  # noqa: E402
 from benchmark_lib.measure import OPTIMIZER, RunSettings, measure_workload, profile_training  # noqa: E402
-from benchmark_lib.workloads import DEFAULT_VARIANTS, VARIANTS, WORKLOADS, make_workload, register_dbb_kxk  # noqa: E402
+from benchmark_lib.workloads import DEFAULT_VARIANTS, VARIANTS, WORKLOADS, make_workload  # noqa: E402
 
 from orepa_mm.cli import EXIT_STATUS_HELP, ToolError, get_logger, log, tool_main  # noqa: E402
 
@@ -75,9 +75,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--workloads', '--models', dest='workloads', nargs='+', default=['resnet50'],
                         choices=WORKLOADS, help='workloads to measure')
     parser.add_argument('--variants', nargs='+', default=list(DEFAULT_VARIANTS), choices=VARIANTS,
-                        help="the first one is the baseline of the ratios. dbb: orepa_mm's DBBResNet (every conv "
-                        "a DBB layer); dbb-kxk: DBB layers for the 1 < k < 7 convs only, the paper's DBB baseline "
-                        '(1x1 convs and the 7x7 stem plain)')
+                        help="the first one is the baseline of the ratios. dbb: the paper's DBB baseline (DBB "
+                        'layers for the k x k convs, 1x1 convs and the 7x7 stem plain); orepa: every conv an OREPA '
+                        'layer')
     parser.add_argument('--batch-size', type=int, default=2, help='images per step')
     parser.add_argument('--input-size', type=int, nargs=2, default=[512, 512], metavar=('H', 'W'),
                         help='input height and width')
@@ -177,7 +177,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if args.threads:
         torch.set_num_threads(args.threads)
-    register_dbb_kxk()
 
     load = rep.load_average()
     if device.type == 'cpu' and load and load[0] >= (os.cpu_count() or 1) and torch.get_num_threads() > 1:

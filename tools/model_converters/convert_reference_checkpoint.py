@@ -75,7 +75,8 @@ import orepa_mm
 from orepa_mm import kernels as K
 from orepa_mm.checkpoint import load_checkpoint_file, save_atomic
 from orepa_mm.cli import EXIT_STATUS_HELP, ToolError, tool_main
-from orepa_mm.layers import OREPA1x1Branches, OREPAKxKBranches, OREPAStackedBranches
+from orepa_mm.layers import OREPAKxKBranches
+from orepa_mm.layers.orepa import build_branches
 
 __all__ = ['ConversionError', 'Conversion', 'convert', 'detect_depth', 'layer_specs', 'main']
 
@@ -303,7 +304,10 @@ def _pass_through_bn(bias: Tensor) -> Dict[str, Tensor]:
 def _prior_rotation_sign(cout: int) -> Tensor:
     """``s`` with ``rot180(B[o]) == s[o] * B[o]`` for the frequency-prior basis ``B``: each row is
     ``cos(pi * (h + 0.5) * f / k)`` along one axis, and ``h -> k - 1 - h`` turns it into
-    ``cos(pi * f - ...) = (-1)^f`` times itself, ``f`` the row's frequency (``o + 1`` or ``o + 1 - cout / 2``)."""
+    ``cos(pi * f - ...) = (-1)^f`` times itself, ``f`` the row's frequency (``o + 1`` or ``o + 1 - cout / 2``),
+    an integer for the even widths of every ResNet."""
+    if cout % 2:
+        raise ConversionError(f'a stem of odd width {cout} is not a reference OREPA ResNet stem')
     o = torch.arange(cout, dtype=torch.float64)
     freq = torch.where(o < cout / 2, o + 1, o + 1 - cout / 2)
     return torch.where(freq % 2 == 0, 1.0, -1.0).to(torch.float64)
@@ -327,9 +331,7 @@ class _Modules:
 
     @staticmethod
     def _build(cin: int, cout: int, k: int) -> torch.nn.Module:
-        if k == 1:
-            return OREPA1x1Branches(cin, cout)
-        return OREPAKxKBranches(cin, cout, k) if k < 7 else OREPAStackedBranches(cin, cout, k)
+        return build_branches(cin, cout, k)  # the reference picks blocks by kernel size as orepa_mm does
 
     def get(self, cin: int, cout: int, k: int) -> torch.nn.Module:
         if (cin, cout, k) not in self._modules:
@@ -356,7 +358,7 @@ def _plain_branch_state(modules: _Modules, spec: LayerSpec, weight: Tensor) -> D
     """Branch values of a fresh (fixed-seed) layer set up to compute the plain kernel ``weight``."""
     k, cin, cout = spec.kernel_size, spec.in_channels, spec.out_channels
     state = {name: t.to(weight.dtype) for name, t in modules.fresh_state(cin, cout, k).items()}
-    plain = modules.get(cin, cout, k).plain_state(weight if k > 1 else weight.flatten(1))
+    plain = modules.get(cin, cout, k).plain_state(weight)
     state.update({name: t.to(weight.dtype) for name, t in plain.items()})
     return state
 

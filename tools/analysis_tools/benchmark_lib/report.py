@@ -161,7 +161,7 @@ def comparisons(report: Dict[str, Any]) -> List[str]:
     lines = []
     for name, res in report['results'].items():
         v = res['variants']
-        for dbb in ('dbb', 'dbb-kxk'):
+        for dbb in ('dbb', ):
             if not all(k in v for k in ('plain', 'orepa', dbb)):
                 continue
             act = {k: v[k]['saved_activation_bytes'] for k in ('plain', 'orepa', dbb)}

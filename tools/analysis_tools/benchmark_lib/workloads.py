@@ -7,11 +7,9 @@ repository's mmdet/mmseg configs), ``tv-faster-rcnn`` (torchvision's Faster
 R-CNN R50-FPN with its backbone convs swapped, for machines without mmcv's
 compiled ops).
 
-Variants (:data:`VARIANTS`): ``plain``, ``dbb`` (every conv a DBB layer),
-``orepa`` (every conv an OREPA layer) and ``dbb-kxk`` (DBB layers for the
-``1 < k < 7`` convs only, the paper's DBB baseline).  ``dbb-kxk`` is made by
-registering a conv builder of this tool (:func:`register_dbb_kxk`); it lives
-here, and only here, until the library's ``DBB`` type itself means that.
+Variants (:data:`VARIANTS`): ``plain``, ``dbb`` (the paper's DBB baseline:
+DBB layers for the k x k convs, 1x1 convs and the stem plain) and ``orepa``
+(every conv an OREPA layer).
 """
 from __future__ import annotations
 
@@ -25,49 +23,28 @@ from torch import Tensor
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
-VARIANTS = ('plain', 'dbb', 'orepa', 'dbb-kxk')
+VARIANTS = ('plain', 'dbb', 'orepa')
 #: Variants measured unless the command line says otherwise.
 DEFAULT_VARIANTS = ('plain', 'dbb', 'orepa')
 WORKLOADS = ('resnet18', 'resnet50', 'faster-rcnn', 'pspnet', 'tv-faster-rcnn')
-RESNET_TYPES = {'plain': 'ResNet', 'dbb': 'DBBResNet', 'orepa': 'OREPAResNet', 'dbb-kxk': 'ResNet'}
+RESNET_TYPES = {'plain': 'ResNet', 'dbb': 'DBBResNet', 'orepa': 'OREPAResNet'}
 DET_CONFIG = 'configs/mmdet/faster-rcnn_r50-{variant}_fpn_1x_coco.py'
 SEG_CONFIG = 'configs/mmseg/pspnet_r50-d8-{variant}_4xb2-80k_cityscapes-512x1024.py'
 
 
 # ---------------------------------------------------------------------------
-# The 'dbb-kxk' variant and torchvision's conv swap
+# torchvision's conv swap
 # ---------------------------------------------------------------------------
-#: conv_cfg type of the 'dbb-kxk' variant (registered by :func:`register_dbb_kxk`).
-DBB_KXK = 'BenchmarkDBBkxk'
-
-
-def dbb_kxk_conv(in_channels: int, out_channels: int, kernel_size: Any, *args: Any, **kwargs: Any) -> nn.Module:
-    """conv_cfg builder of the 'dbb-kxk' variant: a DBB layer for ``1 < k < 7``,
-    a plain ``nn.Conv2d`` otherwise.  This is the DBB baseline of the paper
-    (the reference code keeps 1x1 convs and the 7x7 stem plain), whereas
-    orepa_mm's ``DBBResNet`` makes every conv a DBB layer."""
-    from orepa_mm import DBBConv2d
-    size = kernel_size if isinstance(kernel_size, int) else kernel_size[0]
-    cls = DBBConv2d if 1 < size < 7 else nn.Conv2d
-    return cls(in_channels, out_channels, kernel_size, *args, **kwargs)
-
-
-def register_dbb_kxk() -> None:
-    """Register :func:`dbb_kxk_conv` as conv type :data:`DBB_KXK` (mmengine's root MODELS)."""
-    from mmengine.registry import MODELS as ROOT_MODELS
-    if DBB_KXK not in ROOT_MODELS.module_dict:
-        ROOT_MODELS.register_module(name=DBB_KXK, module=dbb_kxk_conv)
-
-
 def swap_convs(module: nn.Module, variant: str) -> int:
     """Replace the ``nn.Conv2d`` s under ``module`` by the variant's layers
-    (OREPA / DBB every conv, dbb-kxk as :func:`dbb_kxk_conv` decides),
+    (OREPA: every conv; DBB: the k x k convs, as ``conv_cfg=dict(type='DBB')`` decides),
     keeping each conv's arguments and ``requires_grad``; return how many
     were replaced."""
-    from orepa_mm import DBBConv2d, OREPAConv2d
+    from orepa_mm import OREPAConv2d
+    from orepa_mm.layers import dbb_conv
     if variant == 'plain':
         return 0
-    build = {'orepa': OREPAConv2d, 'dbb': DBBConv2d, 'dbb-kxk': dbb_kxk_conv}[variant]
+    build = {'orepa': OREPAConv2d, 'dbb': dbb_conv}[variant]
     count = 0
     for name, child in module.named_children():
         if type(child) is not nn.Conv2d:
@@ -136,8 +113,6 @@ class ResNetWorkload(Workload):
 
     def _cfg(self, variant: str) -> dict:
         cfg = dict(type=RESNET_TYPES[variant], depth=self.depth, norm_eval=False, frozen_stages=-1, init_cfg=None)
-        if variant == 'dbb-kxk':
-            cfg['conv_cfg'] = dict(type=DBB_KXK)
         return cfg
 
     def build(self, variant: str) -> nn.Module:
@@ -183,15 +158,13 @@ class _ConfigWorkload(Workload):
     config_template = ''
 
     def config_path(self, variant: str) -> str:
-        """The repository config of ``variant`` ('dbb-kxk': the plain one, given a conv_cfg)."""
-        return osp.join(REPO, self.config_template.format(variant='plain' if variant == 'dbb-kxk' else variant))
+        """The repository config of ``variant``."""
+        return osp.join(REPO, self.config_template.format(variant=variant))
 
     def model_cfg(self, variant: str) -> Any:
         """The config's ``model`` with random backbone weights (no download)."""
         cfg = load_workload_config(self.config_path(variant))
         cfg.model.backbone.init_cfg = None
-        if variant == 'dbb-kxk':
-            cfg.model.backbone.conv_cfg = dict(type=DBB_KXK)
         return cfg
 
     def build(self, variant: str) -> nn.Module:
