@@ -225,9 +225,7 @@ def make_cityscapes(out_dir: PathLike, num_train: int = 24, num_val: int = 8,
         num_train: number of training images (spread over the cities in ``CITY_TRAIN_CITIES``).
         num_val: number of validation images (cities in ``CITY_VAL_CITIES``).
         size_hw: image ``(height, width)`` in pixels.
-        seed: non-negative seed; the same seed gives byte-identical files.
-        overwrite: replace ``out_dir`` when it exists and is not empty (otherwise ``FileExistsError``).
-        verbose: log each split (and show a progress bar on a terminal).
+        seed, overwrite, verbose: as for :func:`~orepa_mm.toy_data.make_coco`.
 
     Returns:
         Paths ``root``, ``train_img_dir``, ``val_img_dir``, ``train_seg_dir`` and ``val_seg_dir``.

@@ -487,7 +487,8 @@ def convert(checkpoint: Any, fused: bool = False) -> Conversion:
     return Conversion(out, depth, form, fused, None if fused else stem_mapping, kinds, dropped)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of the tool."""
     parser = argparse.ArgumentParser(
         description='Convert an official OREPA ResNet checkpoint (JUGGHM/OREPA_CVPR2022, training or deploy '
                     'form) to an mmdet/mmseg OREPAResNet (default) or vanilla ResNet (--fused) checkpoint.',
@@ -497,13 +498,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--fused', action='store_true',
                         help='write a vanilla ResNet (conv_cfg=None) with the generated kernels')
     parser.add_argument('--force', action='store_true', help='overwrite DST if it exists')
-    return parser.parse_args(argv)
+    return parser
 
 
 @tool_main('convert_reference_checkpoint')
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Command line entry point."""
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     if os.path.isdir(args.dst):
         raise ConversionError(f'{args.dst} is a directory; give the output file name')
     if os.path.exists(args.dst) and not args.force:
