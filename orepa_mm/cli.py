@@ -1,8 +1,9 @@
 """What every command-line tool of orepa_mm shares: one logger and one
 exit-code convention.
 
-* Progress and results go through mmengine's logger (``print_log``), so the
-  tools read like the OpenMMLab tools around them.
+* Progress goes through mmengine's logger (:func:`log`), so the tools read
+  like the OpenMMLab tools around them; a tool's final result (a summary, a
+  table) is printed to stdout, where a script can read it.
 * A user error (bad arguments, a missing or unusable file, a config that
   does not fit) is one line, ``<tool>: error: <what is wrong>``, and exit
   status 2 (the status argparse uses for bad arguments); nothing is written.
