@@ -43,9 +43,11 @@ The entries (:func:`safe_globals`), each with the reason it cannot act:
   ``_rebuild_from_type_v2`` calls any object it is given, so a weights-only
   checkpoint could write files or rewrite builtins.
 * **mmengine's HistoryBuffer**: a plain class (a maximum length and two
-  arrays); its ``__setstate__`` stores the state in the instance and the
-  method table in the class's statistics table, whose values can only be the
-  inert callables above.
+  arrays); its ``__setstate__`` stores the state in the instance and merges
+  the pickled method table into the class's statistics table, whose values
+  can only be what the weights-only unpickler builds: the four methods above,
+  data, and allowlisted callables (none of which acts).  Its methods compute
+  statistics of the arrays.
 
 Anything else is still refused: a pickled ``os.system``,
 ``subprocess.Popen``, ``builtins.eval``/``exec``, or any other class (such as
@@ -82,8 +84,9 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ['safe_globals', 'install_safe_globals', 'check_numpy_values', 'load_checkpoint_file',
-           'extract_state_dict', 'save_atomic', 'atomic_write', 'atomic_write_text', 'CheckpointError']
+__all__ = ['safe_globals', 'install_safe_globals', 'numpy_dtype_classes', 'HISTORY_BUFFER_STATISTICS',
+           'check_numpy_values', 'load_checkpoint_file', 'extract_state_dict', 'save_atomic', 'atomic_write',
+           'atomic_write_text', 'CheckpointError']
 
 
 class CheckpointError(RuntimeError):
@@ -164,7 +167,8 @@ def safe_globals() -> List[Any]:
       function returns those four plain functions and refuses every other
       lookup (the real getattr would reach bound methods and module globals);
     * mmengine's ``HistoryBuffer``: plain data (a length and two arrays) plus
-      a method table that can only hold the callables above.
+      a method table that can only hold what the unpickler builds (the four
+      methods, data, allowlisted callables).
 
     The module docstring gives the reasons in full.
     """
