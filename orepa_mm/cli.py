@@ -12,6 +12,7 @@ exit-code convention.
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -36,11 +37,26 @@ class ToolError(Exception):
 USER_ERRORS = (ToolError, CheckpointError)
 
 
+class _CurrentStdout:
+    """Writes to whatever ``sys.stdout`` is at the time of writing, so that a
+    long-lived logger follows redirections (pytest's capture, notebooks)."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
 def get_logger() -> MMLogger:
     """The logger of orepa_mm's tools (console, INFO)."""
     if MMLogger.check_instance_created('orepa_mm'):
         return MMLogger.get_instance('orepa_mm')
-    return MMLogger.get_instance('orepa_mm', log_level='INFO')
+    logger = MMLogger.get_instance('orepa_mm', log_level='INFO')
+    for handler in logger.handlers:
+        if type(handler) is logging.StreamHandler and handler.stream is sys.stdout:
+            handler.setStream(_CurrentStdout())
+    return logger
 
 
 def log(message: str) -> None:

@@ -46,6 +46,7 @@ def _vanilla_node(node: Any, registry) -> Any:
         for key, value in cls.default_kwargs.items():
             node.setdefault(key, value)
         node['conv_cfg'] = None
+        node.pop('init_cfg', None)  # the deploy checkpoint initialises the whole backbone
         changed = True
     elif reparam_conv_kind(node.get('conv_cfg')):
         node['conv_cfg'] = None
@@ -98,8 +99,11 @@ def _tensors(obj: Any) -> Iterable[torch.Tensor]:
 @torch.no_grad()
 def model_outputs(model: nn.Module, batch: dict) -> List[torch.Tensor]:
     """The raw output tensors of an mmdet/mmseg model (``mode='tensor'``) on a
-    preprocessed batch; the features of a model without a tensor mode."""
+    preprocessed batch; the features of a model without a tensor mode; the
+    output of a plain module (no data preprocessor) on ``batch['inputs']``."""
     inputs, samples = batch['inputs'], batch.get('data_samples')
+    if not hasattr(model, 'data_preprocessor'):  # a plain module: a backbone, backbone + neck
+        return list(_tensors(model(inputs)))
     try:
         out = model(inputs, samples, mode='tensor')
     except Exception:
