@@ -79,6 +79,7 @@ class _Generation:
         from .orepa import OREPA1x1Branches
         self.regenerate_in_backward = isinstance(members[0], OREPA1x1Branches)
         self.index = {id(m): i for i, m in enumerate(members)}
+        self.members = [weakref.ref(m) for m in members]  # ids can be reused after a member dies
         self.versions = [_versions(m) for m in members]
         self.kernels: Optional[Tuple[Tensor, ...]] = None
         self.weak: List['weakref.ref[Tensor]'] = []
@@ -105,10 +106,16 @@ class _Generation:
         self.kernels = kernels
         self.weak = [weakref.ref(k) for k in kernels]
 
+    def is_stale_for(self, generator: nn.Module) -> bool:
+        """Whether ``generator`` is a member whose parameters changed since."""
+        i = self.index.get(id(generator))
+        return i is not None and self.members[i]() is generator and self.versions[i] != _versions(generator)
+
     def take(self, generator: nn.Module) -> Optional[Tuple[Tensor, int]]:
         """``(kernel, index)`` of ``generator`` if this generation can serve it."""
         i = self.index.get(id(generator))
-        if i is None or not self.pending or self.versions[i] != _versions(generator):
+        if i is None or self.members[i]() is not generator or not self.pending \
+                or self.versions[i] != _versions(generator):
             return None
         kernel = self.weak[i]()
         self.untaken.discard(i)
@@ -204,7 +211,7 @@ class _Group:
             if taken is not None:
                 self.requests[generator] = self.epoch
                 return taken[0], current, taken[1]
-            if not current.pending or id(generator) in current.index:  # used up or stale: a new epoch
+            if not current.pending or current.is_stale_for(generator):  # a new epoch (about a new step)
                 self.epoch += 1
         self.requests[generator] = self.epoch
         members = self._next_members(generator)
