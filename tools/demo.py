@@ -16,11 +16,12 @@ import argparse
 import os
 import os.path as osp
 import time
-from typing import Dict
+from typing import Dict, Optional, Sequence
 
 import torch
 
 import orepa_mm
+from orepa_mm.cli import EXIT_STATUS_HELP, tool_main
 from orepa_mm.config import load_config
 from orepa_mm.deploy import max_relative_gap
 
@@ -72,11 +73,13 @@ def run_job(name: str, config: str, metric_key: str, work_root: str, max_iters: 
                 gap=gap, layers=n_layers, metric_key=metric_key)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@tool_main('demo')
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_STATUS_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--work-dir', default=osp.join(ROOT, 'work_dirs', 'demo'))
     parser.add_argument('--max-iters', type=int, default=None, help='override training iterations (smoke runs)')
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.chdir(ROOT)  # the configs' data_root is relative to the repository
     torch.manual_seed(0)
     make_data(osp.join(ROOT, 'data', 'toy'))
@@ -95,4 +98,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    main()
+    raise SystemExit(main())
