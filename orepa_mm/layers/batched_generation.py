@@ -245,7 +245,7 @@ class _GroupGenerate(torch.autograd.Function):
     def backward(ctx, *grad_kernels: Optional[Tensor]):
         n, names = ctx.n, ctx.names
         ctx.generation.pending = False  # the next forward generates again
-        ctx.generation.regenerated = None
+        ctx.generation.regenerated = ctx.generation.virtual = None  # nothing of the group outlives its step
         needed = ctx.needs_input_grad[3:]
         result: List[Optional[Tensor]] = [None] * len(needed)
         reached = [g is not None for g in grad_kernels]
