@@ -29,8 +29,7 @@ class _Scratch(threading.local):
     buffers are plain fresh tensors.  A buffer is only valid until the next
     call that asks for the same role: nothing built in one may escape.
     Roles: ``s0``-``s2`` (kernel-sized working buffers, reused within one
-    ``generate``/``kernel_backward`` once their content is dead), ``kernel``
-    (the generated kernel, alive until the conv has used it), ``dot``,
+    ``generate``/``kernel_backward`` once their content is dead), ``dot``,
     ``first`` and ``factors``.
     """
 
@@ -108,9 +107,8 @@ class KernelGenerator(nn.Module):
     def reference_kernel(self) -> Tensor:
         raise NotImplementedError
 
-    def generate(self, scratch: bool = False) -> Tensor:
-        """The kernel, without autograd.  With ``scratch`` it may live in a
-        shared buffer that the next generation overwrites: use it at once."""
+    def generate(self) -> Tensor:
+        """The kernel, without autograd (a fresh tensor)."""
         with torch.no_grad():
             return self.reference_kernel()
 

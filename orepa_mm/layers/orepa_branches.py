@@ -67,14 +67,14 @@ class OREPA1x1Branches(KernelGenerator):
         """A ``(rows, cols)`` matrix of a grouped 1x1 conv as ``(groups, rows / groups, cols)``."""
         return t.view(self.groups, t.shape[0] // self.groups, t.shape[1])
 
-    def generate(self, scratch: bool = False) -> Tensor:
+    def generate(self) -> Tensor:
         o, v = self.out_channels, self.branch_scales
         with torch.no_grad():
             # kernel = v0 * W + (v1 * B) @ A; the scaled factor B is no larger than the kernel (t <= in).
             b = self.weight_l2i_second
             second = torch.mul(b, v[1, :, None], out=_scratch.get('s0', b.shape, b))
             shape = (o, self.in_channels // self.groups)
-            kernel = _scratch.get('kernel', shape, b) if scratch else b.new_empty(shape)
+            kernel = b.new_empty(shape)
             torch.bmm(self._grouped(second), self._grouped(self.weight_l2i_first), out=self._grouped(kernel))
             return kernel.addcmul_(self.weight_origin, v[0, :, None])[:, :, None, None]
 
@@ -212,7 +212,7 @@ class OREPAKxKBranches(ConstantBuffers, KernelGenerator):
         return torch.mul(self.weight_pw.view(g, o_g, in_g, self.EXPAND).transpose(1, 2), v5.view(g, 1, o_g, 1),
                          out=_scratch.get('s0', (g, in_g, o_g, self.EXPAND), v5))
 
-    def generate(self, scratch: bool = False) -> Tensor:
+    def generate(self) -> Tensor:
         g, o, o_g, in_g, t_g, kk = self._sizes()
         e, k, v = self.EXPAND, self.kernel_size, self.branch_scales
         like, get = self.weight_origin, _scratch.get
@@ -228,7 +228,7 @@ class OREPAKxKBranches(ConstantBuffers, KernelGenerator):
             factors = self._factors()
             work.baddbmm_(patterns.transpose(1, 2), factors)
             # origin, while moving to the conv layout (o, in_g, kk)
-            kernel = get('kernel', (o, in_g, kk), like) if scratch else like.new_empty(o, in_g, kk)
+            kernel = like.new_empty(o, in_g, kk)
             torch.addcmul(work.transpose(1, 2), self.weight_origin.view(o, in_g, kk), v[0, :, None, None],
                           out=kernel)
             # depthwise-separable: a product per input channel of (v5 * pw) (o_g, e) and dw (e, kk)
