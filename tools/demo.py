@@ -27,10 +27,6 @@ from orepa_mm.deploy import max_relative_gap
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
-JOBS = {
-    'detector': ('configs/toy/faster-rcnn_r18w16-orepa_fpn_300i_toy-coco.py', 'coco/bbox_mAP'),
-    'segmentor': ('configs/toy/pspnet_r18w16-d8-orepa_1xb4-200i_toy-cityscapes-128x256.py', 'mIoU'),
-}
 
 
 def make_data(data_root: str) -> None:
@@ -83,7 +79,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     os.chdir(ROOT)  # the configs' data_root is relative to the repository
     torch.manual_seed(0)
     make_data(osp.join(ROOT, 'data', 'toy'))
-    results = {name: run_job(name, cfg, key, args.work_dir, args.max_iters) for name, (cfg, key) in JOBS.items()}
+    from orepa_mm.toy_data.jobs import TOY_JOBS
+    results = {name: run_job(name, job.config('orepa'), job.metric, args.work_dir, args.max_iters)
+               for name, job in TOY_JOBS.items()}
     print('\n==== orepa_mm demo: OREPA models trained on the toy data, then fused ====')
     print(f'{"model":<10} {"metric":<14} {"unfused":>8} {"fused":>8} {"train s":>8} {"layers":>7} '
           f'{"max |fused-unfused| / |out|":>28}')

@@ -1,0 +1,37 @@
+"""The toy training jobs that the demo and the accuracy benchmark run.
+
+One entry per task: the toy config of each variant (paths relative to the
+repository root, where the configs' ``data_root`` points) and the metric that
+the task is judged by.  The demo trains the ``orepa`` variant of each task;
+``tools/analysis_tools/accuracy_benchmark.py`` trains every variant.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+__all__ = ['ToyJob', 'TOY_JOBS', 'TOY_VARIANTS']
+
+#: The conv variants each toy task ships a config for.
+TOY_VARIANTS: Tuple[str, ...] = ('plain', 'dbb', 'orepa')
+
+
+@dataclass(frozen=True)
+class ToyJob:
+    """A toy task: its config pattern (``{variant}`` is filled in) and its metric."""
+    config_pattern: str
+    metric: str
+    metric_name: str
+
+    def config(self, variant: str) -> str:
+        """The config path of ``variant`` (one of :data:`TOY_VARIANTS`)."""
+        if variant not in TOY_VARIANTS:
+            raise ValueError(f'unknown variant {variant!r}; expected one of {", ".join(TOY_VARIANTS)}')
+        return self.config_pattern.format(variant=variant)
+
+
+TOY_JOBS: Dict[str, ToyJob] = {
+    'detector': ToyJob('configs/toy/faster-rcnn_r18w16-{variant}_fpn_300i_toy-coco.py', 'coco/bbox_mAP', 'bbox mAP'),
+    'segmentor': ToyJob('configs/toy/pspnet_r18w16-d8-{variant}_1xb4-200i_toy-cityscapes-128x256.py', 'mIoU',
+                        'mIoU'),
+}
