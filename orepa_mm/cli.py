@@ -20,7 +20,8 @@ from mmengine.logging import MMLogger, print_log
 
 from .checkpoint import CheckpointError
 
-__all__ = ['ToolError', 'EXIT_USER_ERROR', 'EXIT_STATUS_HELP', 'get_logger', 'log', 'tool_main']
+__all__ = ['ToolError', 'EXIT_USER_ERROR', 'EXIT_STATUS_HELP', 'get_logger', 'log', 'tool_main',
+           'keep_parameter_lines_off_console']
 
 #: Exit status of every tool for a user error.
 EXIT_USER_ERROR = 2
@@ -57,6 +58,24 @@ def get_logger() -> MMLogger:
         if type(handler) is logging.StreamHandler and handler.stream is sys.stdout:
             handler.setStream(_CurrentStdout())
     return logger
+
+
+class _NoParameterLines(logging.Filter):
+    """Drops mmengine's one-line-per-parameter ``paramwise_options -- ...``
+    records: with ``custom_keys`` or bias multipliers it logs one per matching
+    parameter, hundreds for a detector, before training starts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith('paramwise_options')
+
+
+def keep_parameter_lines_off_console(logger: logging.Logger) -> None:
+    """Keep ``logger``'s (a Runner's) per-parameter optimizer lines out of the
+    console; its log file still gets them.  Idempotent."""
+    for handler in logger.handlers:
+        console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        if console and not any(isinstance(f, _NoParameterLines) for f in handler.filters):
+            handler.addFilter(_NoParameterLines())
 
 
 def log(message: str) -> None:

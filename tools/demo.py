@@ -21,7 +21,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 import orepa_mm
-from orepa_mm.cli import EXIT_STATUS_HELP, tool_main
+from orepa_mm.cli import EXIT_STATUS_HELP, keep_parameter_lines_off_console, tool_main
 from orepa_mm.config import load_config
 from orepa_mm.deploy import max_relative_gap
 
@@ -53,6 +53,7 @@ def run_job(name: str, config: str, metric_key: str, work_root: str, max_iters: 
     if max_iters:
         cfg.train_cfg.max_iters = cfg.train_cfg.val_interval = max_iters
     runner = Runner.from_cfg(cfg)
+    keep_parameter_lines_off_console(runner.logger)
     start = time.time()
     runner.train()
     train_time = time.time() - start

@@ -14,7 +14,7 @@ import torch
 from mmengine.config import DictAction
 from mmengine.runner import Runner
 
-from orepa_mm.cli import EXIT_STATUS_HELP, tool_main
+from orepa_mm.cli import EXIT_STATUS_HELP, keep_parameter_lines_off_console, tool_main
 from orepa_mm.config import load_config
 
 
@@ -78,7 +78,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.amp:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.loss_scale = 'dynamic'
-    Runner.from_cfg(cfg).train()
+    runner = Runner.from_cfg(cfg)
+    keep_parameter_lines_off_console(runner.logger)
+    runner.train()
 
 
 if __name__ == '__main__':
