@@ -9,11 +9,12 @@ Importing the package (configs do it with ``custom_imports``):
   ``torch.load(weights_only=True)`` (see :mod:`orepa_mm.checkpoint`).
 
 Public API: :class:`OREPAConv2d`, :class:`DBBConv2d`, :func:`fuse_model`,
+:func:`fuse_model_with_report` (:class:`FuseReport`),
 and the kernel algebra in :mod:`orepa_mm.kernels`.
 """
 from . import kernels
 from .checkpoint import install_safe_globals
-from .fuse import count_reparam_layers, fuse_model
+from .fuse import FuseReport, count_reparam_layers, fuse_model, fuse_model_with_report
 from .layers import DBBConv2d, OREPAConv2d, ReparamConv2d
 from .models.backbones import register_backbones
 from .registry import register_conv_layers
@@ -24,4 +25,4 @@ register_conv_layers()
 register_backbones()
 
 __all__ = ['__version__', 'kernels', 'OREPAConv2d', 'DBBConv2d', 'ReparamConv2d', 'fuse_model',
-           'count_reparam_layers']
+           'fuse_model_with_report', 'FuseReport', 'count_reparam_layers']

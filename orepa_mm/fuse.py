@@ -1,19 +1,61 @@
-"""The one place that turns a re-parameterizable model into a plain one."""
+"""The one place that turns a re-parameterizable model into a plain one.
+
+A DBB layer (and any re-param layer built without a bias) fuses into a conv
+WITH a bias that the vanilla layer lacks.  :func:`fuse_model_with_report`
+folds that bias into the BatchNorm that consumes the conv's output, found
+
+1. by name, for the layouts of OpenMMLab models (``nn.Sequential``, mmcv's
+   ``ConvModule``, ResNet-style ``convN`` -> ``normN``/``bnN``), else
+2. by following the data: one forward pass of ``example_input`` (through the
+   model's ``extract_feat`` when it has one, as mmdet/mmseg models do, else
+   the model itself) records which BatchNorm receives exactly the conv's
+   output tensor, at every call of the conv, with no other consumer of that
+   tensor (checked on the autograd graph) and no other input to that BN.
+
+Convs the trace does not reach (heads behind ``extract_feat``) rely on the
+name lookup; where neither finds a BN the fused conv keeps its bias (the
+model stays exactly equivalent) and its name is reported in
+:attr:`FuseReport.biased_convs`: the vanilla config needs ``bias=True`` there.
+"""
 from __future__ import annotations
 
 import copy
 import re
-from typing import Optional
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import kernels as K
 from .layers.base import ReparamConv2d
 
-__all__ = ['fuse_model', 'count_reparam_layers']
+__all__ = ['FuseReport', 'fuse_model', 'fuse_model_with_report', 'count_reparam_layers',
+           'DEFAULT_TRACE_SIZE']
 
-_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, )
+_NORM_TYPES = (_BatchNorm, )
+
+#: Spatial size of the zero input traced when no ``example_input`` is given.
+DEFAULT_TRACE_SIZE = 64
+
+
+@dataclass
+class FuseReport:
+    """What :func:`fuse_model_with_report` did.
+
+    Attributes:
+        model: the fused model.
+        biased_convs: qualified names (as in ``model.named_modules()``; ``''``
+            when the model is a single layer) of the fused convs that carry a
+            bias their vanilla layer lacks, because no BatchNorm follows them
+            to absorb it.  A vanilla model loads the fused weights only where
+            those convs are built with ``bias=True``.
+    """
+    model: nn.Module
+    biased_convs: List[str] = field(default_factory=list)
 
 
 def count_reparam_layers(model: nn.Module) -> int:
@@ -22,7 +64,7 @@ def count_reparam_layers(model: nn.Module) -> int:
 
 
 def _following_norm(parent: nn.Module, name: str) -> Optional[nn.Module]:
-    """The BatchNorm that consumes the output of ``parent.<name>``, if known.
+    """The BatchNorm that consumes the output of ``parent.<name>``, if known by name.
 
     Covers the layouts of OpenMMLab models: ``nn.Sequential`` (next child),
     mmcv's ``ConvModule`` (``conv`` -> ``norm`` when the norm comes right
@@ -52,46 +94,220 @@ def _following_norm(parent: nn.Module, name: str) -> Optional[nn.Module]:
     return None
 
 
-@torch.no_grad()
-def _fuse_child(parent: nn.Module, name: str, layer: ReparamConv2d) -> None:
-    conv = layer.fuse()
-    if conv.bias is not None and layer.bias is None:
-        # The vanilla layout of this layer has no bias (e.g. a ResNet conv
-        # before its BN): fold the fused bias into the BN's running mean.
-        norm = _following_norm(parent, name)
-        if norm is None or norm.running_mean is None:
-            raise RuntimeError(
-                f'cannot fuse {type(layer).__name__} at {name!r}: its fused conv has a bias that the '
-                'layer was built without, and no BatchNorm follows it to absorb that bias')
-        norm.running_mean.copy_(K.fold_bias_into_bn(conv.bias, norm.running_mean))
-        plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                          conv.dilation, conv.groups, bias=False, padding_mode=conv.padding_mode,
-                          device=conv.weight.device, dtype=conv.weight.dtype)
+# -- the data-flow trace ---------------------------------------------------------------
+def default_example_input(model: nn.Module, size: int = DEFAULT_TRACE_SIZE) -> Tensor:
+    """A zero batch ``(1, C, size, size)`` in the dtype and on the device of the
+    model's parameters, ``C`` the input channels of its first conv (3 if none)."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, ReparamConv2d))), None)
+    channels = first.in_channels if first is not None else 3
+    like = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = like.dtype if like is not None else torch.get_default_dtype()
+    device = like.device if like is not None else None
+    return torch.zeros(1, channels, size, size, dtype=dtype, device=device)
+
+
+def _tensors(obj) -> List[Tensor]:
+    """Every tensor in a (nested) output of a model."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    return []
+
+
+def _consumer_counts(outputs: List[Tensor]) -> Dict[object, int]:
+    """For each autograd node reachable from ``outputs``, how many edges lead
+    into it from other nodes (its number of uses in the computation)."""
+    counts: Dict[object, int] = {}
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    seen: Set[object] = set(stack)
+    while stack:
+        node = stack.pop()
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            counts[nxt] = counts.get(nxt, 0) + 1
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return counts
+
+
+def _run_trace(model: nn.Module, example_input: Tensor) -> List[Tensor]:
+    """Run ``example_input`` through the model (``extract_feat`` if it has
+    one) in eval mode with autograd recording; restore the modes after."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        x = example_input.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            run = getattr(model, 'extract_feat', None)
+            return _tensors(run(x) if callable(run) else model(x))
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _trace_norms(model: nn.Module, convs: Dict[str, nn.Module],
+                 example_input: Tensor) -> Dict[str, _BatchNorm]:
+    """The BatchNorm that exclusively consumes each conv's output, by the data flow.
+
+    ``convs``: qualified name -> layer.  A conv gets a BN only when at every
+    call its output tensor goes to that BN and nowhere else, and that BN
+    only ever receives this conv's outputs.
+    """
+    conv_outputs: Dict[str, List[Tensor]] = {name: [] for name in convs}
+    norm_inputs: Dict[nn.Module, List[Tensor]] = {}
+    hooks = []
+
+    def record_output(name):
+        return lambda module, args, out: conv_outputs[name].append(out)
+
+    def record_input(module, args):
+        norm_inputs.setdefault(module, []).append(args[0] if args else None)
+
+    for name, layer in convs.items():
+        hooks.append(layer.register_forward_hook(record_output(name)))
+    for m in model.modules():
+        if isinstance(m, _NORM_TYPES):
+            hooks.append(m.register_forward_pre_hook(record_input))
+    try:
+        outputs = _run_trace(model, example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+    uses = _consumer_counts(outputs + [t for ts in norm_inputs.values() for t in ts if isinstance(t, Tensor)])
+    found = {}
+    for name, outs in conv_outputs.items():
+        norm = _exclusive_norm(outs, norm_inputs, uses)
+        if norm is not None:
+            found[name] = norm
+    return found
+
+
+def _exclusive_norm(outs: List[Tensor], norm_inputs: Dict[nn.Module, List[Tensor]],
+                    uses: Dict[object, int]) -> Optional[_BatchNorm]:
+    """The one BN whose every input is one of ``outs`` and which receives every
+    one of ``outs``, each of them used exactly once (by that BN); else None."""
+    if not outs or not all(isinstance(t, Tensor) for t in outs):
+        return None
+    ids = {id(t) for t in outs}
+    candidates = [bn for bn, ins in norm_inputs.items() if any(id(t) in ids for t in ins)]
+    if len(candidates) != 1:
+        return None
+    bn = candidates[0]
+    ins = norm_inputs[bn]
+    if len(ins) != len(outs) or {id(t) for t in ins} != ids:
+        return None
+    if any(t.grad_fn is None or uses.get(t.grad_fn, 0) != 1 for t in outs):
+        return None
+    return bn
+
+
+# -- fusing ------------------------------------------------------------------------------
+def _plain_copy(conv: nn.Conv2d) -> nn.Conv2d:
+    """``conv`` without its bias."""
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=False, padding_mode=conv.padding_mode,
+                      device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
         plain.weight.copy_(conv.weight)
-        plain.train(conv.training)
-        conv = plain
-    setattr(parent, name, conv)
+    plain.train(conv.training)
+    return plain
 
 
-def fuse_model(model: nn.Module, inplace: bool = False) -> nn.Module:
+@torch.no_grad()
+def _absorb_bias(conv: nn.Conv2d, norm: Optional[nn.Module]) -> Optional[nn.Conv2d]:
+    """Fold ``conv``'s bias into ``norm``'s running mean and return the conv
+    without bias; None (nothing changed) when ``norm`` cannot absorb it."""
+    if norm is None or getattr(norm, 'running_mean', None) is None:
+        return None
+    norm.running_mean.copy_(K.fold_bias_into_bn(conv.bias, norm.running_mean))
+    return _plain_copy(conv)
+
+
+def _reparam_children(model: nn.Module) -> List[Tuple[str, nn.Module, str, ReparamConv2d]]:
+    """(qualified name, parent, attribute name, layer) of every re-param layer."""
+    found = []
+    for parent_name, parent in model.named_modules():
+        for name, child in parent.named_children():
+            if isinstance(child, ReparamConv2d):
+                found.append((f'{parent_name}.{name}' if parent_name else name, parent, name, child))
+    return found
+
+
+def fuse_model_with_report(model: nn.Module, inplace: bool = False,
+                           example_input: Optional[Tensor] = None) -> FuseReport:
     """Replace every OREPA/DBB layer of ``model`` by its equivalent ``nn.Conv2d``.
 
-    The result has exactly the ``state_dict`` keys and shapes of the same
-    model built with ``conv_cfg=None``: a bias that the vanilla layer lacks is
-    folded into the following BatchNorm.  Fusing uses BN running statistics,
-    so the result equals the original in eval mode.  Idempotent: a fused
-    model is returned unchanged.
+    A fused bias that the vanilla layer lacks is folded into the BatchNorm
+    consuming the conv's output (by name, else by tracing the data flow of
+    one forward pass: see the module docstring); where none is found the
+    conv keeps the bias and is listed in :attr:`FuseReport.biased_convs`.
+    Fusing uses BN running statistics, so the result equals the original in
+    eval mode.  Idempotent: a fused model is returned unchanged.
 
     Args:
         model: any module tree (a whole detector, a backbone, a single layer).
         inplace: modify ``model`` itself instead of a deep copy.
+        example_input: an input batch ``(N, C, H, W)`` for the data-flow
+            trace, fed to ``model.extract_feat`` if it exists, else to
+            ``model``.  Only used when the name lookup misses a BN; default
+            :func:`default_example_input` (zeros, ``1 x C x 64 x 64``).
     """
     if isinstance(model, ReparamConv2d):
-        return model.fuse()
+        conv = model.fuse()
+        return FuseReport(conv, [''] if conv.bias is not None and model.bias is None else [])
     if not inplace:
         model = copy.deepcopy(model)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, ReparamConv2d):
-                _fuse_child(parent, name, child)
-    return model
+    layers = _reparam_children(model)
+    fused = {qual: layer.fuse() for qual, _, _, layer in layers}
+    needs_norm = {qual for qual, _, _, layer in layers if fused[qual].bias is not None and layer.bias is None}
+    norms = {qual: _following_norm(parent, name) for qual, parent, name, _ in layers if qual in needs_norm}
+    missing = {qual: layer for qual, _, _, layer in layers if qual in needs_norm and norms[qual] is None}
+    if missing:
+        norms.update(_trace_or_warn(model, missing, example_input))
+    biased = []
+    for qual, parent, name, _ in layers:
+        conv = fused[qual]
+        if qual in needs_norm:
+            plain = _absorb_bias(conv, norms.get(qual))
+            if plain is None:
+                biased.append(qual)
+            else:
+                conv = plain
+        setattr(parent, name, conv)
+    return FuseReport(model, biased)
+
+
+def _trace_or_warn(model: nn.Module, convs: Dict[str, nn.Module],
+                   example_input: Optional[Tensor]) -> Dict[str, _BatchNorm]:
+    """:func:`_trace_norms`, or nothing found (with a warning) if the model
+    cannot run ``example_input``."""
+    if example_input is None:
+        example_input = default_example_input(model)
+    try:
+        return _trace_norms(model, convs, example_input)
+    except Exception as err:  # noqa: BLE001 - any model error: fall back to keeping the biases
+        warnings.warn(f'fuse_model: tracing the data flow with an input of shape {tuple(example_input.shape)} '
+                      f'failed ({type(err).__name__}: {err}); {len(convs)} fused conv(s) keep their bias')
+        return {}
+
+
+def fuse_model(model: nn.Module, inplace: bool = False, example_input: Optional[Tensor] = None) -> nn.Module:
+    """:func:`fuse_model_with_report`'s fused model.
+
+    The result has exactly the ``state_dict`` keys and shapes of the same
+    model built with ``conv_cfg=None`` wherever a BatchNorm follows each
+    biased fused conv; otherwise those convs keep their bias (see
+    :func:`fuse_model_with_report` for the list).
+
+    Args:
+        model: any module tree (a whole detector, a backbone, a single layer).
+        inplace: modify ``model`` itself instead of a deep copy.
+        example_input: input for the data-flow trace (see
+            :func:`fuse_model_with_report`).
+    """
+    return fuse_model_with_report(model, inplace, example_input).model
