@@ -209,3 +209,18 @@ def test_package_import_does_not_load_toy_data() -> None:
     code = 'import sys, orepa_mm; assert "orepa_mm.toy_data" not in sys.modules, sorted(sys.modules)'
     proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_ensure_keeps_current_sets_and_refuses_stale_ones(tmp_path: Path) -> None:
+    root = tmp_path / 'toy'
+    toy_data.make_coco(root / 'coco', 1, 1, 48, seed=0)
+    toy_data.make_cityscapes(root / 'cityscapes', 1, 1, (40, 72), seed=0)
+    before = {name: _tree_bytes(root / name) for name in ('coco', 'cityscapes')}
+    assert toy_data.ensure_toy_data(root, verbose=False) == []  # current sets are kept as they are
+    assert {name: _tree_bytes(root / name) for name in before} == before
+    stamp = root / 'coco' / 'orepa_toy_data.json'
+    assert json.loads(stamp.read_text())['size'] == 48
+    stamp.unlink()  # what an older generator left: no stamp
+    with pytest.raises(toy_data.StaleToyDataError, match=r'coco was written by toy-data generator version 1.*--force'):
+        toy_data.ensure_toy_data(root, verbose=False)
+    assert _tree_bytes(root / 'cityscapes') == before['cityscapes']

@@ -2,10 +2,11 @@
 
     make demo          # = scripts/setup.sh, then: .venv/bin/python tools/demo.py
 
-1. generates the toy COCO- and Cityscapes-format sets (``orepa_mm.toy_data``);
-2. trains the toy OREPA Faster R-CNN and the toy OREPA PSPNet with mmengine's
-   Runner (progress in the log), evaluating with the real COCO bbox metric and
-   Cityscapes mIoU;
+1. generates the toy COCO- and Cityscapes-format sets (``orepa_mm.toy_data``)
+   under ``data/toy`` unless they are there;
+2. trains the toy OREPA FCOS and the toy OREPA PSPNet (``orepa_mm.toy_data.jobs``,
+   seeded by their configs' ``randomness``) with mmengine's Runner, progress on
+   the console, evaluating with the real COCO bbox metric and Cityscapes mIoU;
 3. fuses both with ``orepa_mm.fuse_model``, evaluates again and compares the
    predictions of the fused and the unfused model;
 4. prints a summary.  Work goes to ``work_dirs/demo/``.
@@ -21,20 +22,12 @@ from typing import Dict, Optional, Sequence
 import torch
 
 import orepa_mm
-from orepa_mm.cli import EXIT_STATUS_HELP, keep_parameter_lines_off_console, tool_main
+from orepa_mm.cli import EXIT_STATUS_HELP, ToolError, keep_parameter_lines_off_console, tool_main
 from orepa_mm.config import load_config
 from orepa_mm.deploy import max_relative_gap
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
-
-
-def make_data(data_root: str) -> None:
-    from orepa_mm import toy_data
-    if not osp.isdir(osp.join(data_root, 'coco')):
-        toy_data.make_coco(osp.join(data_root, 'coco'), 48, 16, 160, 0)
-    if not osp.isdir(osp.join(data_root, 'cityscapes')):
-        toy_data.make_cityscapes(osp.join(data_root, 'cityscapes'), 24, 8, (128, 256), 0)
 
 
 def prediction_gap(model_a: torch.nn.Module, model_b: torch.nn.Module, data_batch: dict) -> float:
@@ -79,7 +72,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     os.chdir(ROOT)  # the configs' data_root is relative to the repository
     torch.manual_seed(0)
-    make_data(osp.join(ROOT, 'data', 'toy'))
+    from orepa_mm.toy_data import StaleToyDataError, ensure_toy_data
+    try:
+        ensure_toy_data(osp.join(ROOT, 'data', 'toy'))
+    except StaleToyDataError as err:
+        raise ToolError(str(err)) from err
     from orepa_mm.toy_data.jobs import TOY_JOBS
     results = {name: run_job(name, job.config('orepa'), job.metric, args.work_dir, args.max_iters)
                for name, job in TOY_JOBS.items()}

@@ -17,9 +17,20 @@ Layout written by :func:`make_coco` and :func:`make_cityscapes` (the command lin
 The sets are described in :mod:`.coco` and :mod:`.cityscapes`.  This module needs Pillow, which
 ``import orepa_mm`` does not: import it as ``orepa_mm.toy_data``.
 """
-from .cityscapes import CITY_TRAIN_CITIES, CITY_VAL_CITIES, CITYSCAPES_TRAIN_IDS, IGNORE_INDEX, make_cityscapes
-from .coco import COCO_CATEGORIES, COCO_TOY_CLASSES, COCO_TOY_SHAPES, make_coco
+from .cityscapes import (
+    CITY_DEFAULT_SIZE,
+    CITY_DEFAULT_SPLITS,
+    CITY_TRAIN_CITIES,
+    CITY_VAL_CITIES,
+    CITYSCAPES_TRAIN_IDS,
+    IGNORE_INDEX,
+    make_cityscapes,
+)
+from .coco import COCO_CATEGORIES, COCO_DEFAULT_SIZE, COCO_DEFAULT_SPLITS, COCO_TOY_CLASSES, COCO_TOY_SHAPES, make_coco
 from .common import is_nonempty_dir
+from .ensure import StaleToyDataError, ensure_toy_data
 
-__all__ = ['make_coco', 'make_cityscapes', 'is_nonempty_dir', 'COCO_CATEGORIES', 'COCO_TOY_SHAPES',
+__all__ = ['make_coco', 'make_cityscapes', 'ensure_toy_data', 'StaleToyDataError', 'is_nonempty_dir',
+           'COCO_DEFAULT_SPLITS', 'COCO_DEFAULT_SIZE', 'CITY_DEFAULT_SPLITS', 'CITY_DEFAULT_SIZE',
+           'COCO_CATEGORIES', 'COCO_TOY_SHAPES',
            'COCO_TOY_CLASSES', 'CITYSCAPES_TRAIN_IDS', 'IGNORE_INDEX', 'CITY_TRAIN_CITIES', 'CITY_VAL_CITIES']

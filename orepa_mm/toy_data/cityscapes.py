@@ -25,9 +25,11 @@ from .common import (
     progress,
     to_uint8,
     upsampled_noise,
+    write_stamp,
 )
 
-__all__ = ['CITYSCAPES_TRAIN_IDS', 'IGNORE_INDEX', 'CITY_TRAIN_CITIES', 'CITY_VAL_CITIES', 'make_cityscapes']
+__all__ = ['CITYSCAPES_TRAIN_IDS', 'IGNORE_INDEX', 'CITY_TRAIN_CITIES', 'CITY_VAL_CITIES', 'CITY_DEFAULT_SPLITS',
+           'CITY_DEFAULT_SIZE', 'make_cityscapes']
 
 # Cityscapes train ids (as in cityscapesScripts' labels.py); 255 marks ignored pixels.
 CITYSCAPES_TRAIN_IDS: Dict[str, int] = {
@@ -38,6 +40,9 @@ CITYSCAPES_TRAIN_IDS: Dict[str, int] = {
 IGNORE_INDEX = 255
 CITY_TRAIN_CITIES: Tuple[str, ...] = ('toycity', 'toyburg')
 CITY_VAL_CITIES: Tuple[str, ...] = ('testburg',)
+#: Default (train, val) image counts and (height, width): what the toy configs are tuned for.
+CITY_DEFAULT_SPLITS = (120, 30)
+CITY_DEFAULT_SIZE = (128, 256)
 
 _T = CITYSCAPES_TRAIN_IDS
 # Base RGB colour of each class in the rendered Cityscapes images (close to the official palette).
@@ -90,22 +95,22 @@ def _city_label(rng: np.random.Generator, h: int, w: int) -> Tuple[np.ndarray, L
         cx = ground_x(y, side + rng.uniform(-0.1, 0.1))
         s = 0.3 + (y - horizon) / max(h - horizon, 1)
         trunk_h, crown = s * h * rng.uniform(0.15, 0.3), s * h * rng.uniform(0.1, 0.2)
-        label[polygon_mask(h, w, [(cx - 1.5, y), (cx + 1.5, y), (cx + 1.5, y - trunk_h), (cx - 1.5, y - trunk_h)])] = \
+        label[polygon_mask(h, w, [(cx - 2.5, y), (cx + 2.5, y), (cx + 2.5, y - trunk_h), (cx - 2.5, y - trunk_h)])] = \
             _T['vegetation']
         crown_pts = ellipse_points(cx, y - trunk_h, crown * rng.uniform(0.8, 1.4), crown)
         label[polygon_mask(h, w, crown_pts)] = _T['vegetation']
 
     # poles with traffic signs
-    for _ in range(int(rng.integers(0, 3))):
+    for _ in range(int(rng.integers(1, 4))):
         y = rng.uniform(horizon + 0.1 * (h - horizon), h * 0.95)
         cx = ground_x(y, -0.12 if rng.random() < 0.5 else 1.12)
         s = (y - horizon) / max(h - horizon, 1)
         pole_h = (0.2 + s) * h * 0.6
-        pw = max(1.0, 2.5 * s)
+        pw = max(3.0, 5.0 * s)  # at least 6 px wide: thinner poles vanish at a stride-8 output
         label[polygon_mask(h, w, [(cx - pw, y), (cx + pw, y), (cx + pw, y - pole_h), (cx - pw, y - pole_h)])] = \
             _T['pole']
-        if rng.random() < 0.7:
-            sz = max(3.0, 10 * s)
+        if rng.random() < 0.85:
+            sz = max(8.0, 16 * s)
             sign = [(cx - sz, y - pole_h), (cx + sz, y - pole_h), (cx + sz, y - pole_h + sz),
                     (cx - sz, y - pole_h + sz)]
             label[polygon_mask(h, w, sign)] = _T['traffic sign']
@@ -131,8 +136,8 @@ def _city_label(rng: np.random.Generator, h: int, w: int) -> Tuple[np.ndarray, L
             colour = colour + rng.normal(0, 10, size=3)
         else:
             cx = ground_x(y, -0.1 if rng.random() < 0.5 else 1.1) + rng.uniform(-2, 2)
-            ph = max(6.0, s * h * rng.uniform(0.35, 0.5))
-            pw = ph * rng.uniform(0.22, 0.32)
+            ph = max(14.0, s * h * rng.uniform(0.4, 0.6))
+            pw = ph * rng.uniform(0.3, 0.4)
             body = [(cx - pw / 2, y), (cx + pw / 2, y), (cx + pw / 2, y - ph * 0.8), (cx - pw / 2, y - ph * 0.8)]
             head = ellipse_points(cx, y - ph * 0.88, ph * 0.09, ph * 0.11, num=12)
             mask = polygon_mask(h, w, body) | polygon_mask(h, w, head)
@@ -214,8 +219,8 @@ def _city_split(root: Path, split: str, split_idx: int, num_images: int, cities:
             advance()
 
 
-def make_cityscapes(out_dir: PathLike, num_train: int = 24, num_val: int = 8,
-                    size_hw: Tuple[int, int] = (128, 256), seed: int = 0, *,
+def make_cityscapes(out_dir: PathLike, num_train: int = CITY_DEFAULT_SPLITS[0], num_val: int = CITY_DEFAULT_SPLITS[1],
+                    size_hw: Tuple[int, int] = CITY_DEFAULT_SIZE, seed: int = 0, *,
                     overwrite: bool = False, verbose: bool = False) -> Dict[str, Path]:
     """Write a Cityscapes-format semantic segmentation set into ``out_dir`` (its ``data_root``).
 
@@ -239,5 +244,6 @@ def make_cityscapes(out_dir: PathLike, num_train: int = 24, num_val: int = 8,
         for split_idx, (split, num, cities) in enumerate((('train', num_train, CITY_TRAIN_CITIES),
                                                           ('val', num_val, CITY_VAL_CITIES))):
             _city_split(tmp, split, split_idx, num, cities, (h, w), seed, verbose)
+        write_stamp(tmp, 'cityscapes', num_train=num_train, num_val=num_val, size=[h, w], seed=seed)
     return dict(root=root, train_img_dir=root / 'leftImg8bit' / 'train', val_img_dir=root / 'leftImg8bit' / 'val',
                 train_seg_dir=root / 'gtFine' / 'train', val_seg_dir=root / 'gtFine' / 'val')

@@ -1,8 +1,9 @@
 """The toy COCO-format detection / instance segmentation set.
 
-Every image shows 1-6 objects of three shapes (rectangle, ellipse, triangle) with random colours, sizes
-from about 8 px to 60 % of the image side, aspect ratios and partial overlaps, on a textured background
-(gradient, stripes, blotches and noise).  Each object is annotated with its full polygon, the polygon's
+Every image shows 1-5 objects of three shapes (rectangle, ellipse, triangle) with random colours (far
+from the background's), sizes from 15 % to 50 % of the image side, aspect ratios from 1:2 to 2:1 and partial overlaps
+(each object keeps at least 70 % of its area in view), on a calm background (gradient, smooth blotches,
+noise).  Each object is annotated with its full polygon, the polygon's
 bounding box and area, ``iscrowd=0``.  The json declares all 80 COCO categories with their usual ids and
 names, and the shapes use the first three of them (rectangle -> ``person`` (id 1), ellipse -> ``bicycle``
 (id 2), triangle -> ``car`` (id 3)).  This way mmdet's ``CocoDataset`` with its default 80-class
@@ -33,9 +34,11 @@ from .common import (
     progress,
     to_uint8,
     upsampled_noise,
+    write_stamp,
 )
 
-__all__ = ['COCO_CATEGORIES', 'COCO_TOY_SHAPES', 'COCO_TOY_CLASSES', 'make_coco']
+__all__ = ['COCO_CATEGORIES', 'COCO_TOY_SHAPES', 'COCO_TOY_CLASSES', 'COCO_DEFAULT_SPLITS', 'COCO_DEFAULT_SIZE',
+           'make_coco']
 
 # (id, name) of the 80 COCO categories, in the order mmdet's CocoDataset lists its classes.
 COCO_CATEGORIES: Tuple[Tuple[int, str], ...] = (
@@ -58,31 +61,34 @@ COCO_CATEGORIES: Tuple[Tuple[int, str], ...] = (
 # Shape drawn for each category that the toy set uses: category id -> shape.
 COCO_TOY_SHAPES: Dict[int, str] = {1: 'rectangle', 2: 'ellipse', 3: 'triangle'}
 COCO_TOY_CLASSES: Tuple[str, ...] = tuple(name for cid, name in COCO_CATEGORIES if cid in COCO_TOY_SHAPES)
+#: Objects per image: 1 to MAX_OBJECTS; each keeps at least MIN_VISIBLE of its area in view.
+MAX_OBJECTS = 5
+MIN_VISIBLE = 0.7
+#: Default (train, val) image counts and image side: what the toy configs are tuned for.
+COCO_DEFAULT_SPLITS = (600, 60)
+COCO_DEFAULT_SIZE = 128
 
 
 def _coco_background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A textured float RGB background: colour gradient, stripes, smooth blotches and pixel noise."""
+    """A float RGB background: a colour gradient, smooth blotches and pixel noise.
+
+    Kept calmer than the objects (no stripes or sharp edges), so that edges
+    belong to objects and a small detector learns them in minutes.
+    """
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
     c0, c1 = rng.uniform(0, 255, size=(2, 3))
     angle = rng.uniform(0, 2 * math.pi)
     t = xx * math.cos(angle) + yy * math.sin(angle)
     t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
     img = c0 + (c1 - c0) * t[..., None]
-    for _ in range(int(rng.integers(0, 3))):
-        freq = rng.uniform(2.0, 14.0)
-        phi = rng.uniform(0, 2 * math.pi)
-        direction = rng.normal(size=3)
-        direction /= np.linalg.norm(direction) + 1e-6
-        wave = np.sin(2 * math.pi * freq * (xx * math.cos(phi) + yy * math.sin(phi)) + rng.uniform(0, 6.3))
-        img += rng.uniform(10, 45) * wave[..., None] * direction
-    img += rng.uniform(0, 50) * upsampled_noise(rng, size, size, int(rng.integers(2, 7)), 3)
-    img += rng.normal(0.0, rng.uniform(2.0, 14.0), size=img.shape)
+    img += rng.uniform(0, 30) * upsampled_noise(rng, size, size, int(rng.integers(2, 6)), 3)
+    img += rng.normal(0.0, rng.uniform(2.0, 8.0), size=img.shape)
     return img
 
 
 def _shape_polygon(rng: np.random.Generator, shape: str, extent: float) -> Polygon:
     """A polygon of ``shape`` whose bounding box has largest side ``extent``, with its box at the origin."""
-    aspect = math.exp(rng.uniform(math.log(1 / 3), math.log(3)))  # width / height
+    aspect = math.exp(rng.uniform(math.log(1 / 2), math.log(2)))  # width / height
     if shape == 'rectangle':
         w, h = (extent, extent / aspect) if aspect >= 1 else (extent * aspect, extent)
         pts: Polygon = [(0.0, 0.0), (w, 0.0), (w, h), (0.0, h)]
@@ -106,8 +112,8 @@ def _shape_polygon(rng: np.random.Generator, shape: str, extent: float) -> Polyg
 def _object_texture(rng: np.random.Generator, size: int, background_mean: np.ndarray) -> np.ndarray:
     """A float RGB fill for one object: a random colour (kept apart from the background) with texture."""
     colour = rng.uniform(0, 255, size=3)
-    for _ in range(8):
-        if np.linalg.norm(colour - background_mean) >= 70:
+    for _ in range(16):
+        if np.linalg.norm(colour - background_mean) >= 100:
             break
         colour = rng.uniform(0, 255, size=3)
     fill = np.broadcast_to(colour, (size, size, 3)).copy()
@@ -126,8 +132,8 @@ def _coco_image(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, List[T
     """Render one detection image; return it (uint8 HWC) and its objects as ``(category_id, polygon)``."""
     img = _coco_background(rng, size)
     cat_ids = sorted(COCO_TOY_SHAPES)
-    min_extent, max_extent = 8.0, max(0.6 * size, 9.0)
-    num_objects = int(rng.integers(1, 7))
+    min_extent, max_extent = max(0.15 * size, 6.0), max(0.5 * size, 8.0)
+    num_objects = int(rng.integers(1, MAX_OBJECTS + 1))
     extents = np.exp(rng.uniform(math.log(min_extent), math.log(max_extent), size=num_objects))
     extents = sorted(extents.tolist(), reverse=True)  # big first, so small objects end up on top
     owner = np.full((size, size), -1, dtype=np.int32)
@@ -140,7 +146,7 @@ def _coco_image(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, List[T
         arr = np.asarray(poly)
         bw, bh = arr.max(axis=0)
         for _ in range(20):
-            if centres and rng.random() < 0.4:  # place it on top of an earlier object to get overlaps
+            if centres and rng.random() < 0.25:  # place it on top of an earlier object to get overlaps
                 ox, oy, oext = centres[int(rng.integers(len(centres)))]
                 cx, cy = ox + rng.uniform(-0.5, 0.5) * oext, oy + rng.uniform(-0.5, 0.5) * oext
                 x0, y0 = cx - bw / 2, cy - bh / 2
@@ -152,10 +158,10 @@ def _coco_image(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, List[T
             mask = polygon_mask(size, size, placed)
             if mask.sum() < 12:
                 continue
-            # every earlier object must keep at least half of its full area visible
+            # every earlier object must keep most of its full area visible
             covered = np.bincount(owner[mask] + 1, minlength=len(objects) + 1)[1:]
             visible = np.bincount(owner.ravel() + 1, minlength=len(objects) + 1)[1:]
-            if all(visible[j] - covered[j] >= 0.5 * full_areas[j] for j in range(len(objects))):
+            if all(visible[j] - covered[j] >= MIN_VISIBLE * full_areas[j] for j in range(len(objects))):
                 break
         else:
             continue
@@ -220,7 +226,8 @@ def _coco_split(root: Path, split_name: str, split_idx: int, num_images: int, si
     return ann_file
 
 
-def make_coco(out_dir: PathLike, num_train: int = 48, num_val: int = 16, size: int = 160, seed: int = 0, *,
+def make_coco(out_dir: PathLike, num_train: int = COCO_DEFAULT_SPLITS[0], num_val: int = COCO_DEFAULT_SPLITS[1],
+              size: int = COCO_DEFAULT_SIZE, seed: int = 0, *,
               overwrite: bool = False, verbose: bool = False) -> Dict[str, Path]:
     """Write a COCO-format detection / instance segmentation set into ``out_dir`` (its ``data_root``).
 
@@ -244,6 +251,7 @@ def make_coco(out_dir: PathLike, num_train: int = 48, num_val: int = 16, size: i
     with atomic_dir(root, overwrite) as tmp:
         for split_idx, (split, num) in enumerate((('train2017', num_train), ('val2017', num_val))):
             _coco_split(tmp, split, split_idx, num, size, seed, verbose)
+        write_stamp(tmp, 'coco', num_train=num_train, num_val=num_val, size=size, seed=seed)
     return dict(root=root, train_img_dir=root / 'train2017', val_img_dir=root / 'val2017',
                 train_ann_file=root / 'annotations' / 'instances_train2017.json',
                 val_ann_file=root / 'annotations' / 'instances_val2017.json')

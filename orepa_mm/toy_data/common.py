@@ -2,6 +2,7 @@
 writing a folder atomically, and progress output."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -24,6 +25,10 @@ COCO_SUBSET = 0
 CITY_SUBSET = 1
 JPEG_QUALITY = 90
 PNG_COMPRESS_LEVEL = 6
+#: Version of what the generators draw; bumped whenever the images change, so
+#: that data written by an older version is recognised (``read_stamp``).
+GENERATOR_VERSION = 2
+STAMP_FILE = 'orepa_toy_data.json'
 
 
 def image_rng(seed: int, subset: int, split: int, index: int) -> np.random.Generator:
@@ -132,3 +137,17 @@ def progress(desc: str, total: int, verbose: bool) -> Iterator[Callable[[], None
         if bar is not None:
             sys.stderr.write('\n')
     print_log(f'{desc}: {total} images', logger='current')
+
+
+def write_stamp(root: Path, name: str, **params: object) -> None:
+    """Record in ``root`` which generator version and parameters wrote the set."""
+    stamp = dict(set=name, generator_version=GENERATOR_VERSION, **params)
+    (root / STAMP_FILE).write_text(json.dumps(stamp, indent=1) + '\n')
+
+
+def read_stamp(root: Path) -> Optional[dict]:
+    """The stamp :func:`write_stamp` left in ``root``, or None (no stamp: an older generator)."""
+    try:
+        return json.loads((root / STAMP_FILE).read_text())
+    except (OSError, ValueError):
+        return None

@@ -31,7 +31,7 @@ class ToyJob:
 
 
 TOY_JOBS: Dict[str, ToyJob] = {
-    'detector': ToyJob('configs/toy/faster-rcnn_r18w16-{variant}_fpn_300i_toy-coco.py', 'coco/bbox_mAP', 'bbox mAP'),
-    'segmentor': ToyJob('configs/toy/pspnet_r18w16-d8-{variant}_1xb4-200i_toy-cityscapes-128x256.py', 'mIoU',
+    'detector': ToyJob('configs/toy/fcos_r18w32-{variant}_fpn_600i_toy-coco.py', 'coco/bbox_mAP', 'bbox mAP'),
+    'segmentor': ToyJob('configs/toy/pspnet_r18w32-d8-{variant}_1xb4-300i_toy-cityscapes-128x256.py', 'mIoU',
                         'mIoU'),
 }

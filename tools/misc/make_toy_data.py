@@ -1,7 +1,7 @@
 """Write the small synthetic COCO-format and Cityscapes-format data sets (deterministic for a given seed).
 
-    python tools/misc/make_toy_data.py --out data/toy [--seed 0] [--coco-train 48 --coco-val 16 --coco-size 160]
-        [--city-train 24 --city-val 8 --city-size 128x256] [--only coco|cityscapes] [--force]
+    python tools/misc/make_toy_data.py --out data/toy [--seed 0] [--coco-train 600 --coco-val 60 --coco-size 128]
+        [--city-train 120 --city-val 30 --city-size 128x256] [--only coco|cityscapes] [--force]
 
 The sets and their layout are described in :mod:`orepa_mm.toy_data`, whose
 ``make_coco`` and ``make_cityscapes`` other code calls directly.
@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 from orepa_mm.cli import EXIT_STATUS_HELP, ToolError, log, tool_main
-from orepa_mm.toy_data import is_nonempty_dir, make_cityscapes, make_coco
+from orepa_mm.toy_data import (
+    CITY_DEFAULT_SIZE,
+    CITY_DEFAULT_SPLITS,
+    COCO_DEFAULT_SIZE,
+    COCO_DEFAULT_SPLITS,
+    is_nonempty_dir,
+    make_cityscapes,
+    make_coco,
+)
 
 PROG = 'make_toy_data'
 
@@ -45,12 +53,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n\n')[0], epilog=EXIT_STATUS_HELP)
     parser.add_argument('--out', default='data/toy', help='output folder (default: data/toy)')
     parser.add_argument('--seed', type=non_negative, default=0, help='random seed (default: 0)')
-    parser.add_argument('--coco-train', type=non_negative, default=48, help='COCO training images (48)')
-    parser.add_argument('--coco-val', type=non_negative, default=16, help='COCO validation images (16)')
-    parser.add_argument('--coco-size', type=int, default=160, help='side of the square COCO images (160)')
-    parser.add_argument('--city-train', type=non_negative, default=24, help='Cityscapes training images (24)')
-    parser.add_argument('--city-val', type=non_negative, default=8, help='Cityscapes validation images (8)')
-    parser.add_argument('--city-size', type=parse_hw, default=(128, 256),
+    parser.add_argument('--coco-train', type=non_negative, default=COCO_DEFAULT_SPLITS[0],
+                        help='COCO training images (%(default)s)')
+    parser.add_argument('--coco-val', type=non_negative, default=COCO_DEFAULT_SPLITS[1],
+                        help='COCO validation images (%(default)s)')
+    parser.add_argument('--coco-size', type=int, default=COCO_DEFAULT_SIZE,
+                        help='side of the square COCO images (%(default)s)')
+    parser.add_argument('--city-train', type=non_negative, default=CITY_DEFAULT_SPLITS[0],
+                        help='Cityscapes training images (%(default)s)')
+    parser.add_argument('--city-val', type=non_negative, default=CITY_DEFAULT_SPLITS[1],
+                        help='Cityscapes validation images (%(default)s)')
+    parser.add_argument('--city-size', type=parse_hw, default=CITY_DEFAULT_SIZE,
                         help='Cityscapes image size HEIGHTxWIDTH (128x256)')
     parser.add_argument('--only', choices=('coco', 'cityscapes'), help='write only one of the two sets')
     parser.add_argument('--force', action='store_true', help='replace existing non-empty output folders')
