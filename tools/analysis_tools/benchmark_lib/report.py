@@ -276,13 +276,21 @@ def markdown(report: Dict[str, Any]) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def draw_chart(report: Dict[str, Any], path: str) -> bool:
-    """Bar chart of the ratios, one panel per workload; False if matplotlib is missing."""
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or None when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def draw_chart(report: Dict[str, Any], path: str) -> bool:
+    """Bar chart of the ratios, one panel per workload; False if matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
         return False
     metrics = table_metrics(report)
     names = list(report['results'])
