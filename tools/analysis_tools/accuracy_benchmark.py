@@ -197,8 +197,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise ToolError('--device cuda: CUDA is not available')
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    from orepa_mm.toy_data.make import ensure_toy_data
-    made = ensure_toy_data(args.data_dir)
+    from orepa_mm.toy_data import StaleToyDataError, ensure_toy_data
+    try:
+        made = ensure_toy_data(args.data_dir, verbose=False)
+    except StaleToyDataError as err:
+        raise ToolError(str(err)) from err
     if made:
         log(f'wrote the toy {" and ".join(made)} set(s) into {args.data_dir}')
 
