@@ -35,8 +35,9 @@ import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-if REPO not in sys.path:  # run from a checkout without orepa_mm installed
-    sys.path.insert(0, REPO)
+for _path in (REPO, osp.dirname(osp.abspath(__file__))):  # orepa_mm from a checkout; benchmark_lib when imported
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 from benchmark_lib import accuracy as acc  # noqa: E402
 from benchmark_lib import report as rep  # noqa: E402
