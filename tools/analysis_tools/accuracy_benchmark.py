@@ -34,6 +34,8 @@ import time
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
+import torch
+
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 for _path in (REPO, osp.dirname(osp.abspath(__file__))):  # orepa_mm from a checkout; benchmark_lib when imported
     if _path not in sys.path:
@@ -85,6 +87,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.max_iters is not None and args.max_iters < 1:
         raise ToolError('--max-iters must be >= 1')
     args.work_dir = args.work_dir or osp.join(args.out_dir, 'runs')
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        raise ToolError('--device cuda: CUDA is not available')
+    args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     return args
 
 
@@ -192,12 +197,8 @@ def write_outputs(report: Dict[str, Any], base: str) -> List[str]:
 @tool_main(PROG)
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run the benchmark that ``argv`` asks for."""
-    import torch
-
     args = parse_args(argv)
-    if args.device == 'cuda' and not torch.cuda.is_available():
-        raise ToolError('--device cuda: CUDA is not available')
-    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    device = args.device
     from orepa_mm.toy_data import StaleToyDataError, ensure_toy_data
     try:
         made = ensure_toy_data(args.data_dir, verbose=False)

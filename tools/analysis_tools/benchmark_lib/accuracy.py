@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from mmengine.config import Config
 
-from .report import fmt_value, pyplot
+from .report import fmt_value, markdown_table, pyplot
 
 #: The prefix of the toy configs' data paths (relative to the repository root).
 TOY_DATA_PREFIX = 'data/toy/'
@@ -185,10 +185,7 @@ def markdown(report: Dict[str, Any]) -> str:
         'training process (a process of its own per run, Python and the frameworks included) up to the end of '
         'training; CUDA peak: torch.cuda.max_memory_allocated.',
         '',
-        '| ' + ' | '.join(header) + ' |',
-        '|' + '---|' * len(header),
-    ]
-    lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
+    ] + markdown_table(header, rows)
     return '\n'.join(lines) + '\n'
 
 

@@ -240,6 +240,11 @@ def text_table(header: List[str], rows: List[List[str]]) -> str:
     return '\n'.join([line(header), line(['-' * w for w in widths])] + [line(r) for r in rows])
 
 
+def markdown_table(header: List[str], rows: List[List[str]]) -> List[str]:
+    """The lines of a Markdown table."""
+    return ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] + ['| ' + ' | '.join(r) + ' |' for r in rows]
+
+
 def markdown(report: Dict[str, Any]) -> str:
     """The report as Markdown: settings, the table, the derived comparisons."""
     meta, cfg = report['metadata'], report['config']
@@ -266,10 +271,7 @@ def markdown(report: Dict[str, Any]) -> str:
         'backward, optimizer; views and aliases excluded), exact and independent of the input size. '
         'Times: median seconds per training step / evaluation forward.',
         '',
-        '| ' + ' | '.join(header) + ' |',
-        '|' + '---|' * len(header),
-    ]
-    lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
+    ] + markdown_table(header, rows)
     extra = comparisons(report) + flop_lines(report) + op_lines(report) + workload_lines(report)
     if extra:
         lines += [''] + [f'- {line}' for line in extra]
