@@ -12,16 +12,17 @@ exit-code convention.
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 from mmengine.logging import MMLogger, print_log
 
 from .checkpoint import CheckpointError
 
 __all__ = ['ToolError', 'EXIT_USER_ERROR', 'EXIT_STATUS_HELP', 'get_logger', 'log', 'tool_main',
-           'keep_parameter_lines_off_console']
+           'keep_console_readable', 'build_runner']
 
 #: Exit status of every tool for a user error.
 EXIT_USER_ERROR = 2
@@ -60,22 +61,56 @@ def get_logger() -> MMLogger:
     return logger
 
 
-class _NoParameterLines(logging.Filter):
-    """Drops mmengine's one-line-per-parameter ``paramwise_options -- ...``
-    records: with ``custom_keys`` or bias multipliers it logs one per matching
-    parameter, hundreds for a detector, before training starts."""
+#: Starts of the Runner's per-parameter optimizer lines (``paramwise_options --
+#: ...``: one per matching parameter, hundreds for a detector).
+_PARAMETER_LINES = ('paramwise_options',)
+#: Starts of the Runner's set-up dumps: environment, config, hook order.
+_SETUP_DUMPS = ('\n---', 'Config:', 'Hooks will be executed')
+
+
+class _DropLines(logging.Filter):
+    """Drops the records whose message starts with one of ``starts``."""
+
+    def __init__(self, starts: Tuple[str, ...]) -> None:
+        super().__init__()
+        self.starts = starts
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith('paramwise_options')
+        return not str(record.msg).startswith(self.starts)
 
 
-def keep_parameter_lines_off_console(logger: logging.Logger) -> None:
-    """Keep ``logger``'s (a Runner's) per-parameter optimizer lines out of the
-    console; its log file still gets them.  Idempotent."""
+def keep_console_readable(logger: logging.Logger, setup_dumps: bool = False) -> None:
+    """Keep ``logger``'s (a Runner's) per-parameter optimizer lines, and with
+    ``setup_dumps`` its environment, config and hook-order dumps, off the
+    console; its log file still gets everything.  Idempotent."""
+    starts = _PARAMETER_LINES + (_SETUP_DUMPS if setup_dumps else ())
     for handler in logger.handlers:
         console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
-        if console and not any(isinstance(f, _NoParameterLines) for f in handler.filters):
-            handler.addFilter(_NoParameterLines())
+        if console and not any(isinstance(f, _DropLines) for f in handler.filters):
+            handler.addFilter(_DropLines(starts))
+
+
+def build_runner(cfg, quiet_setup: bool = False):
+    """``Runner.from_cfg(cfg)`` with a readable console (:func:`keep_console_readable`).
+
+    With ``quiet_setup`` the environment and config dumps that the Runner
+    logs while it is built go to its log file only (its console handler is
+    created writing into a buffer, then pointed at stdout).
+    """
+    from mmengine.runner import Runner
+    if not quiet_setup:
+        runner = Runner.from_cfg(cfg)
+    else:
+        stdout, sys.stdout = sys.stdout, io.StringIO()
+        try:
+            runner = Runner.from_cfg(cfg)
+        finally:
+            buffer, sys.stdout = sys.stdout, stdout
+        for handler in runner.logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is buffer:
+                handler.setStream(_CurrentStdout())
+    keep_console_readable(runner.logger, setup_dumps=quiet_setup)
+    return runner
 
 
 def log(message: str) -> None:
@@ -90,6 +125,10 @@ def tool_main(prog: str) -> Callable[[Callable[[Optional[Sequence[str]]], None]]
     def wrap(fn: Callable[[Optional[Sequence[str]]], None]) -> Callable[..., int]:
         @functools.wraps(fn)
         def main(argv: Optional[Sequence[str]] = None) -> int:
+            # Created first, so that a Runner built later is mmengine's "current"
+            # logger: the Runner's own lines (and what goes to its log file only)
+            # must not land in this console-only logger.
+            get_logger()
             try:
                 fn(argv)
             except USER_ERRORS as e:

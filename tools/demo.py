@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import os.path as osp
 import time
@@ -22,12 +23,11 @@ from typing import Dict, Optional, Sequence
 import torch
 
 import orepa_mm
-from orepa_mm.cli import EXIT_STATUS_HELP, ToolError, keep_parameter_lines_off_console, tool_main
+from orepa_mm.cli import EXIT_STATUS_HELP, ToolError, build_runner, log, tool_main
 from orepa_mm.config import load_config
 from orepa_mm.deploy import max_relative_gap
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-
 
 
 def prediction_gap(model_a: torch.nn.Module, model_b: torch.nn.Module, data_batch: dict) -> float:
@@ -38,19 +38,28 @@ def prediction_gap(model_a: torch.nn.Module, model_b: torch.nn.Module, data_batc
     return max_relative_gap(model_a, model_b, [data])
 
 
-def run_job(name: str, config: str, metric_key: str, work_root: str, max_iters: int | None) -> Dict[str, float]:
-    from mmengine.runner import Runner
+def evaluate(runner, console_log: str) -> dict:
+    """``runner.test()`` with its console output (the evaluators' own prints,
+    e.g. the COCO tables) appended to ``console_log`` instead of the terminal."""
+    with open(console_log, 'a') as stream, contextlib.redirect_stdout(stream):
+        return runner.test()
 
+
+def run_job(name: str, config: str, metric_key: str, work_root: str, max_iters: Optional[int]) -> Dict[str, float]:
+    """Train ``config``, evaluate it, fuse it, evaluate the fused model."""
     cfg = load_config(osp.join(ROOT, config))
     cfg.work_dir = osp.join(work_root, name)
     if max_iters:
-        cfg.train_cfg.max_iters = cfg.train_cfg.val_interval = max_iters
-    runner = Runner.from_cfg(cfg)
-    keep_parameter_lines_off_console(runner.logger)
+        cfg.train_cfg.max_iters = max_iters
+    # Evaluated below, once unfused and once fused, rather than by the training loop.
+    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
+    runner = build_runner(cfg, quiet_setup=True)
+    log(f'{name}: training {config} for {cfg.train_cfg.max_iters} iterations (log: {runner.log_dir})')
     start = time.time()
     runner.train()
     train_time = time.time() - start
-    metrics = runner.test()
+    console_log = osp.join(runner.log_dir, 'evaluation_console.log')
+    metrics = evaluate(runner, console_log)
     model = runner.model
     model.eval()
     fused = orepa_mm.fuse_model(model)
@@ -58,7 +67,9 @@ def run_job(name: str, config: str, metric_key: str, work_root: str, max_iters: 
     gap = prediction_gap(model, fused, batch)
     n_layers = orepa_mm.count_reparam_layers(model)
     runner.model = fused
-    fused_metrics = runner.test()
+    fused_metrics = evaluate(runner, console_log)
+    log(f'{name}: {metric_key} {metrics[metric_key]:.3f}, fused {fused_metrics[metric_key]:.3f} '
+        f'(trained in {train_time:.0f} s)')
     return dict(metric=metrics[metric_key], fused_metric=fused_metrics[metric_key], train_time=train_time,
                 gap=gap, layers=n_layers, metric_key=metric_key)
 

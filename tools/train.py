@@ -12,9 +12,8 @@ from typing import Optional, Sequence
 
 import torch
 from mmengine.config import DictAction
-from mmengine.runner import Runner
 
-from orepa_mm.cli import EXIT_STATUS_HELP, keep_parameter_lines_off_console, tool_main
+from orepa_mm.cli import EXIT_STATUS_HELP, build_runner, tool_main
 from orepa_mm.config import load_config
 
 
@@ -78,9 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.amp:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.loss_scale = 'dynamic'
-    runner = Runner.from_cfg(cfg)
-    keep_parameter_lines_off_console(runner.logger)
-    runner.train()
+    build_runner(cfg).train()
 
 
 if __name__ == '__main__':
