@@ -1,0 +1,263 @@
+"""Every backbone of mmdet's and mmseg's ``MODELS`` whose constructor takes
+``conv_cfg`` builds with OREPA and DBB convs, trains a step and fuses into
+exactly the vanilla backbone (``conv_cfg=None``): the same ``state_dict``
+keys and shapes, and the same eval outputs with random BN statistics.
+
+The set of backbones is discovered from the registries; a backbone that is
+neither covered by :data:`CASES` nor listed in :data:`UNSUPPORTED` (with the
+reason) fails :func:`test_sweep_covers_every_conv_cfg_backbone`, so a new
+framework version cannot add one silently.  Configurations are tiny (a few
+channels, one block per stage, 32 px inputs) and run in float64, so that the
+comparison measures the fuse, not rounding amplified by depth.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Dict, List, Set, Tuple
+
+import pytest
+import torch
+import torch.nn as nn
+from mmengine.registry import DefaultScope
+
+import orepa_mm
+from orepa_mm.layers import DBBConv2d, OREPAConv2d
+
+#: Relative tolerance of the fused-vs-unfused eval outputs (float64).
+TOL = 1e-5
+#: Input (batch, height, width) unless a case gives its own size.
+BATCH, SIZE = 2, 32
+
+_TINY_HRNET = dict(
+    stage1=dict(num_modules=1, num_branches=1, block='BOTTLENECK', num_blocks=(1, ), num_channels=(8, )),
+    stage2=dict(num_modules=1, num_branches=2, block='BASIC', num_blocks=(1, 1), num_channels=(4, 8)),
+    stage3=dict(num_modules=1, num_branches=3, block='BASIC', num_blocks=(1, 1, 1), num_channels=(4, 8, 16)),
+    stage4=dict(num_modules=1, num_branches=4, block='BASIC', num_blocks=(1, 1, 1, 1), num_channels=(4, 8, 16, 32)))
+_RESNET18 = dict(depth=18, base_channels=8, num_stages=2, out_indices=(0, 1), strides=(1, 2), dilations=(1, 1))
+_RESNET50 = dict(depth=50, base_channels=8, stem_channels=8, num_stages=2, out_indices=(0, 1), strides=(1, 2),
+                 dilations=(1, 1))
+_RESNEXT = dict(_RESNET50, groups=4, base_width=4)
+
+#: ``'<scope>.<name>'`` -> (tiny config without ``conv_cfg``, input size or None).
+CASES: Dict[str, Tuple[dict, Any]] = {
+    'mmdet.ResNet': (dict(type='ResNet', **_RESNET18), None),
+    'mmdet.ResNetV1d': (dict(type='ResNetV1d', **_RESNET50), None),
+    'mmdet.ResNeXt': (dict(type='ResNeXt', **_RESNEXT), None),
+    'mmdet.Res2Net': (dict(type='Res2Net', scales=4, **dict(_RESNET50, stem_channels=16)), None),
+    'mmdet.ResNeSt': (dict(type='ResNeSt', radix=2, reduction_factor=4, **_RESNEXT), None),
+    'mmdet.RegNet': (dict(type='RegNet', arch=dict(w0=8, wa=8.0, wm=2.0, group_w=4, depth=4, bot_mul=1.0),
+                          stem_channels=8, strides=(2, 2, 2), dilations=(1, 1, 1), out_indices=(0, 1, 2)),
+                   None),
+    'mmdet.HRNet': (dict(type='HRNet', extra=_TINY_HRNET), None),
+    'mmdet.MobileNetV2': (dict(type='MobileNetV2', widen_factor=0.25, out_indices=(2, 4, 7)), None),
+    'mmdet.EfficientNet': (dict(type='EfficientNet', arch='b0', out_indices=(2, 4, 6)), None),
+    'mmdet.CSPDarknet': (dict(type='CSPDarknet', deepen_factor=0.33, widen_factor=0.125), None),
+    'mmdet.CSPNeXt': (dict(type='CSPNeXt', deepen_factor=0.167, widen_factor=0.125), None),
+    'mmdet.Darknet': (dict(type='Darknet', depth=0, out_indices=(1, 2)), None),
+    'mmdet.DetectoRS_ResNet': (dict(type='DetectoRS_ResNet', **_RESNET50), None),
+    'mmdet.DetectoRS_ResNeXt': (dict(type='DetectoRS_ResNeXt', **_RESNEXT), None),
+    'mmdet.TridentResNet': (dict(type='TridentResNet', depth=50, base_channels=8, stem_channels=8, num_stages=3,
+                                 strides=(1, 2, 2), dilations=(1, 1, 1), out_indices=(2, ), num_branch=3,
+                                 test_branch_idx=-1, trident_dilations=(1, 2, 3)), None),
+    'mmseg.ResNet': (dict(type='ResNet', **_RESNET18), None),
+    'mmseg.ResNetV1c': (dict(type='ResNetV1c', **_RESNET50), None),
+    'mmseg.ResNetV1d': (dict(type='ResNetV1d', **_RESNET50), None),
+    'mmseg.ResNeXt': (dict(type='ResNeXt', **_RESNEXT), None),
+    'mmseg.ResNeSt': (dict(type='ResNeSt', radix=2, reduction_factor=4, **_RESNEXT), None),
+    'mmseg.HRNet': (dict(type='HRNet', extra=_TINY_HRNET), None),
+    'mmseg.MobileNetV2': (dict(type='MobileNetV2', widen_factor=0.25, strides=(1, 2, 2, 1, 1, 1, 1),
+                               dilations=(1, 1, 1, 2, 2, 4, 4), out_indices=(1, 2, 4, 6)), None),
+    'mmseg.MobileNetV3': (dict(type='MobileNetV3', arch='small', out_indices=(0, 1, 12)), None),
+    'mmseg.CGNet': (dict(type='CGNet', num_channels=(8, 16, 32), num_blocks=(1, 1), reductions=(4, 8)), None),
+    'mmseg.FastSCNN': (dict(type='FastSCNN', downsample_dw_channels=(4, 8), global_in_channels=8,
+                            global_block_channels=(8, 12, 16), global_out_channels=16, higher_in_channels=8,
+                            lower_in_channels=16, fusion_out_channels=16, out_indices=(0, 1, 2)), 64),
+    'mmseg.ICNet': (dict(type='ICNet', backbone_cfg=dict(type='ResNetV1c', depth=18, base_channels=8,
+                                                         dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1)),
+                         layer_channels=(16, 64), light_branch_middle_channels=8, psp_out_channels=16,
+                         out_channels=(8, 16, 16)), 64),
+    'mmseg.UNet': (dict(type='UNet', base_channels=4, num_stages=3, strides=(1, 1, 1), enc_num_convs=(1, 1, 1),
+                        dec_num_convs=(1, 1), downsamples=(True, True), enc_dilations=(1, 1, 1),
+                        dec_dilations=(1, 1)), None),
+    'mmseg.InterpConv': (dict(type='InterpConv', in_channels=3, out_channels=4, kernel_size=3, padding=1), None),
+}
+
+#: Tiny entries added to a backbone's ``arch_settings`` while it is built
+#: (Darknet has no width or depth option below its 41M-parameter Darknet-53).
+EXTRA_ARCH: Dict[str, Tuple[Any, Any]] = {
+    'mmdet.Darknet': (0, ((1, 1), ((32, 16), (16, 32)))),
+}
+
+#: Backbones that take ``conv_cfg`` but pass it to none of their layers (mmseg
+#: 1.2.2): every conv stays ``nn.Conv2d`` whatever ``conv_cfg`` says, which
+#: :func:`test_backbones_that_ignore_conv_cfg` checks, so that a framework
+#: version that starts honouring it moves them into :data:`CASES`.
+IGNORING_CONV_CFG: Dict[str, Tuple[dict, Any]] = {
+    'mmseg.BiSeNetV1': (dict(type='BiSeNetV1', backbone_cfg=dict(type='ResNet', depth=18, base_channels=8),
+                             context_channels=(16, 32, 64), spatial_channels=(8, 8, 8, 16), out_channels=16), 64),
+    'mmseg.BiSeNetV2': (dict(type='BiSeNetV2', detail_channels=(8, 8, 16), semantic_channels=(4, 8, 16, 16),
+                             semantic_expansion_ratio=2, bga_channels=16, out_indices=(0, 1, 2, 3, 4)), 64),
+    'mmseg.ERFNet': (dict(type='ERFNet', enc_downsample_channels=(4, 8, 16), enc_stage_non_bottlenecks=(1, 1),
+                          enc_non_bottleneck_dilations=(2, ), enc_non_bottleneck_channels=(8, 16),
+                          dec_upsample_channels=(8, 4), dec_stages_non_bottleneck=(1, 1),
+                          dec_non_bottleneck_channels=(8, 4)), None),
+}
+
+#: ``'<scope>.<name>'`` -> why the sweep does not cover it.
+UNSUPPORTED: Dict[str, str] = {
+    **{key: 'takes conv_cfg but passes it to none of its layers' for key in IGNORING_CONV_CFG},
+}
+
+
+def _registries() -> Dict[str, Any]:
+    from mmdet.registry import MODELS as MMDET_MODELS
+    from mmseg.registry import MODELS as MMSEG_MODELS
+    import mmdet.models  # noqa: F401 - registers the backbones
+    import mmseg.models  # noqa: F401
+    return {'mmdet': MMDET_MODELS, 'mmseg': MMSEG_MODELS}
+
+
+def _takes_conv_cfg(cls: type) -> bool:
+    """Whether ``cls(conv_cfg=...)`` reaches a constructor with a ``conv_cfg``
+    argument (directly, or through ``**kwargs`` passed up the MRO)."""
+    for klass in cls.__mro__:
+        if '__init__' not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        if 'conv_cfg' in params:
+            return True
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return False
+    return False
+
+
+def discovered_backbones() -> Set[str]:
+    """``'<scope>.<name>'`` of every class in the frameworks' backbone modules
+    registered in their ``MODELS`` that takes ``conv_cfg``."""
+    found = set()
+    for scope, registry in _registries().items():
+        for name, cls in registry.module_dict.items():
+            if isinstance(cls, type) and cls.__module__.startswith(f'{scope}.models.backbones') \
+                    and _takes_conv_cfg(cls):
+                found.add(f'{scope}.{name}')
+    return found
+
+
+def test_sweep_covers_every_conv_cfg_backbone() -> None:
+    found = discovered_backbones()
+    assert not set(CASES) & set(UNSUPPORTED), 'a backbone is both covered and listed as unsupported'
+    new = sorted(found - set(CASES) - set(UNSUPPORTED))
+    assert not new, f'backbones taking conv_cfg that the sweep neither covers nor lists as unsupported: {new}'
+    gone = sorted((set(CASES) | set(UNSUPPORTED)) - found)
+    assert not gone, f'swept backbones that the frameworks no longer register with conv_cfg: {gone}'
+
+
+# -- the sweep -------------------------------------------------------------------------
+def _build(key: str, conv_cfg) -> nn.Module:
+    scope, _ = key.split('.', 1)
+    cfg, _ = CASES[key] if key in CASES else IGNORING_CONV_CFG[key]
+    torch.manual_seed(0)
+    registry = _registries()[scope]
+    arch = registry.get(cfg['type']).__dict__.get('arch_settings')
+    if key in EXTRA_ARCH:
+        arch[EXTRA_ARCH[key][0]] = EXTRA_ARCH[key][1]
+    try:
+        with DefaultScope.overwrite_default_scope(scope):  # UNet builds its upsampler from the default scope
+            model = registry.build(dict(cfg, conv_cfg=conv_cfg))
+    finally:
+        if key in EXTRA_ARCH:
+            del arch[EXTRA_ARCH[key][0]]
+    model.init_weights()
+    for m in model.modules():  # mmdet's TridentConv allocates its kernel uninitialised and no init_cfg reaches it
+        if type(m).__name__ == 'TridentConv':
+            nn.init.kaiming_uniform_(m.weight, a=1)
+    return model.double()
+
+
+def _input(key: str) -> torch.Tensor:
+    size = (CASES[key] if key in CASES else IGNORING_CONV_CFG[key])[1] or SIZE
+    return torch.randn(BATCH, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+def _outputs(out) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for item in out for t in _outputs(item)]
+
+
+def _train_step(model: nn.Module, x: torch.Tensor) -> None:
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    loss = sum(o.mean() for o in _outputs(model(x)))  # bounded gradients: one step cannot diverge
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+@torch.no_grad()
+def _randomise_bn(model: nn.Module) -> None:
+    g = torch.Generator().manual_seed(2)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n, dt = m.num_features, m.running_mean.dtype
+            m.running_mean.copy_(torch.randn(n, generator=g, dtype=dt) * 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g, dtype=dt) + 0.5)
+            if m.affine:
+                m.weight.copy_(torch.rand(n, generator=g, dtype=dt) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g, dtype=dt) * 0.2)
+
+
+def _shapes(model: nn.Module) -> Dict[str, Tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize('kind', ['OREPA', 'DBB'])
+@pytest.mark.parametrize('key', sorted(CASES))
+def test_backbone_fuses_to_vanilla(key: str, kind: str) -> None:
+    model = _build(key, dict(type=kind))
+    layer = OREPAConv2d if kind == 'OREPA' else DBBConv2d
+    assert any(isinstance(m, layer) for m in model.modules()), f'{key}: conv_cfg={kind} built no {kind} layer'
+    x = _input(key)
+    _train_step(model, x)
+    _randomise_bn(model)
+    model.eval()
+    with torch.no_grad():
+        expected = _outputs(model(x))
+    report = orepa_mm.fuse_model_with_report(model)
+    assert report.biased_convs == [], f'{key}: fused convs kept a bias: {report.biased_convs}'
+    vanilla = _build(key, None)
+    vanilla.eval()  # some backbones' train() returns None
+    assert _shapes(report.model) == _shapes(vanilla), f'{key}: fused state_dict differs from the vanilla one'
+    vanilla.load_state_dict(report.model.state_dict())
+    with torch.no_grad():
+        actual = _outputs(vanilla(x))
+    assert len(actual) == len(expected)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        scale = e.abs().max().item()
+        assert scale > 0, f'{key} ({kind}), output {i} is all zero: the comparison would be vacuous'
+        err = (a - e).abs().max().item() / scale
+        assert err <= TOL, f'{key} ({kind}), output {i}: relative error {err:.2e} > {TOL:.0e}'
+
+
+@pytest.mark.parametrize('key', sorted(IGNORING_CONV_CFG))
+def test_backbones_that_ignore_conv_cfg(key: str) -> None:
+    model = _build(key, dict(type='OREPA', single_init=True))
+    assert orepa_mm.count_reparam_layers(model) == 0, f'{key} now honours conv_cfg: move it into CASES'
+    x = _input(key)
+    model.eval()
+    with torch.no_grad():
+        assert all(t.isfinite().all() for t in _outputs(model(x)))
+
+
+@pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
+def test_depthwise_3x3_widens_the_1x1_kxk_branch(scope: str) -> None:
+    """MobileNetV2's depthwise 3x3 convs get the reference's 2x internal width
+    in the 1x1-kxk branch (``docs/method.md``); DBB's likewise."""
+    for kind in ('OREPA', 'DBB'):
+        model = _build(f'{scope}.MobileNetV2', dict(type=kind))
+        depthwise = [m for m in model.modules() if isinstance(m, (OREPAConv2d, DBBConv2d))
+                     and m.groups == m.in_channels == m.out_channels > 1 and m.kernel_size == (3, 3)]
+        assert depthwise, f'{scope} MobileNetV2 built no depthwise {kind} layer'
+        for m in depthwise:
+            first = m.branches.weight_1x1_kxk_first if kind == 'OREPA' else m.weight_1x1_kxk_first
+            assert first.shape[0] == 2 * m.in_channels, f'{kind}: 1x1-kxk width {first.shape[0]} for {m}'
