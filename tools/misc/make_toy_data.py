@@ -53,16 +53,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n\n')[0], epilog=EXIT_STATUS_HELP)
     parser.add_argument('--out', default='data/toy', help='output folder (default: data/toy)')
     parser.add_argument('--seed', type=non_negative, default=0, help='random seed (default: 0)')
-    parser.add_argument('--coco-train', type=non_negative, default=COCO_DEFAULT_SPLITS[0],
-                        help='COCO training images (%(default)s)')
-    parser.add_argument('--coco-val', type=non_negative, default=COCO_DEFAULT_SPLITS[1],
-                        help='COCO validation images (%(default)s)')
+    counts = (('--coco-train', COCO_DEFAULT_SPLITS[0], 'COCO training'),
+              ('--coco-val', COCO_DEFAULT_SPLITS[1], 'COCO validation'),
+              ('--city-train', CITY_DEFAULT_SPLITS[0], 'Cityscapes training'),
+              ('--city-val', CITY_DEFAULT_SPLITS[1], 'Cityscapes validation'))
+    for flag, default, what in counts:
+        parser.add_argument(flag, type=non_negative, default=default, help=f'{what} images (%(default)s)')
     parser.add_argument('--coco-size', type=int, default=COCO_DEFAULT_SIZE,
                         help='side of the square COCO images (%(default)s)')
-    parser.add_argument('--city-train', type=non_negative, default=CITY_DEFAULT_SPLITS[0],
-                        help='Cityscapes training images (%(default)s)')
-    parser.add_argument('--city-val', type=non_negative, default=CITY_DEFAULT_SPLITS[1],
-                        help='Cityscapes validation images (%(default)s)')
     parser.add_argument('--city-size', type=parse_hw, default=CITY_DEFAULT_SIZE,
                         help='Cityscapes image size HEIGHTxWIDTH (128x256)')
     parser.add_argument('--only', choices=('coco', 'cityscapes'), help='write only one of the two sets')
