@@ -93,6 +93,28 @@ def test_config_builds_and_trains_one_iteration(path: Path):
                 assert (type(m).__name__ == 'DBBConv2d') == (m.kernel_size == (3, 3)), name
     else:
         assert not names & {'OREPAConv2d', 'DBBConv2d'}
+    outside = _reparam_parts(cfg.model)
+    assert bool(outside) == ('-orepa-all' in path.name), outside
+    for part in outside:  # a re-param conv_cfg in a neck or head builds re-param layers there
+        module = model.get_submodule(part)
+        assert any(isinstance(m, orepa_mm.OREPAConv2d) for m in module.modules()), part
+    for part, module in model.named_children():
+        if part != 'backbone' and not any(p == part or p.startswith(part + '.') for p in outside):
+            assert orepa_mm.count_reparam_layers(module) == 0, part
+
+
+def _reparam_parts(model_cfg: dict, prefix: str = '') -> list:
+    """The dotted names of the model's parts other than the backbone (necks,
+    heads, a RoI head's mask head...) whose config has a re-param ``conv_cfg``."""
+    found = []
+    for key, value in model_cfg.items():
+        if not isinstance(value, dict) or (not prefix and key == 'backbone'):
+            continue
+        if str((value.get('conv_cfg') or {}).get('type', '')) in ('OREPA', 'DBB'):
+            found.append(prefix + key)
+        else:
+            found += _reparam_parts(value, f'{prefix}{key}.')
+    return found
 
 
 def _backbone_init(cfg: Config) -> object:
