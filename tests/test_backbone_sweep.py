@@ -110,10 +110,10 @@ UNSUPPORTED: Dict[str, str] = {
 
 
 def _registries() -> Dict[str, Any]:
-    from mmdet.registry import MODELS as MMDET_MODELS
-    from mmseg.registry import MODELS as MMSEG_MODELS
     import mmdet.models  # noqa: F401 - registers the backbones
     import mmseg.models  # noqa: F401
+    from mmdet.registry import MODELS as MMDET_MODELS
+    from mmseg.registry import MODELS as MMSEG_MODELS
     return {'mmdet': MMDET_MODELS, 'mmseg': MMSEG_MODELS}
 
 

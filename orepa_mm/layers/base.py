@@ -117,6 +117,8 @@ class ReparamConv2d(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_channels))
         else:
             self.register_parameter('bias', None)
+        #: The last kernel handed out by :attr:`weight` and its version then.
+        self._weight_handout: Optional[Tuple[Tensor, int]] = None
 
     # -- helpers for subclasses -------------------------------------------------
     def _pad_input(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
@@ -130,6 +132,64 @@ class ReparamConv2d(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
+    # -- initialisers: writes into ``weight`` ----------------------------------------
+    def current_kernel(self) -> Tensor:
+        """The kernel of the equivalent plain conv now (what :attr:`weight` hands out)."""
+        raise NotImplementedError
+
+    def load_plain_kernel(self, kernel: Tensor) -> None:
+        """Make the layer compute the plain conv ``kernel``: the origin branch
+        holds it, every other branch is switched off (their parameters are
+        kept, so they start learning once their scales move off zero)."""
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> Tensor:
+        """The kernel the layer applies now (derived from the branches, not a parameter).
+
+        Writing into the returned tensor in place, as mmengine's initialisers
+        do (``normal_init``, ``constant_init``, ``kaiming_init``,
+        ``xavier_init``, ``init_cfg`` with ``layer=`` or ``override=``), is not
+        lost: before the layer is next used (forward, ``weight``,
+        ``state_dict``, ``load_state_dict``, ``fuse``, ``train``/``eval``,
+        copying) the written kernel is loaded with :meth:`load_plain_kernel`,
+        so the layer starts as exactly that initialised conv.
+        """
+        self.apply_weight_writes()
+        kernel = self.current_kernel()
+        try:
+            self._weight_handout = (kernel, kernel._version)
+        except RuntimeError:  # an inference tensor has no version counter: nothing can be tracked
+            self._weight_handout = None
+        return kernel
+
+    def apply_weight_writes(self) -> None:
+        """Load the kernel last handed out by :attr:`weight` if it was written to since."""
+        handout, self._weight_handout = self._weight_handout, None
+        if handout is not None and handout[0]._version != handout[1]:
+            with torch.no_grad():
+                self.load_plain_kernel(handout[0].detach())
+
+    def train(self, mode: bool = True) -> 'ReparamConv2d':
+        self.apply_weight_writes()
+        return super().train(mode)
+
+    def __getstate__(self):
+        self.apply_weight_writes()
+        state = super().__getstate__().copy()
+        state['_weight_handout'] = None
+        return state
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.apply_weight_writes()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        self.apply_weight_writes()  # an earlier initialisation first: the checkpoint's values win
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     # -- fusing -----------------------------------------------------------------
     def fused_kernel_bias(self) -> Tuple[Tensor, Tensor | None]:
         """Kernel and bias (``None`` if there is none) of the equivalent conv."""
@@ -138,6 +198,7 @@ class ReparamConv2d(nn.Module):
     @torch.no_grad()
     def fuse(self) -> nn.Conv2d:
         """Return the plain ``nn.Conv2d`` that computes this layer in eval mode."""
+        self.apply_weight_writes()
         kernel, bias = self.fused_kernel_bias()
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
                          self.padding, self.dilation, self.groups, bias=bias is not None,
@@ -154,7 +215,13 @@ class ReparamConv2d(nn.Module):
         ``ConvModule`` and mmengine's ``BaseModule.init_weights`` call this
         instead of running their Kaiming initialiser on the layer, which would
         destroy the branch design; the parameters are initialised at
-        construction (see ``reset_parameters``).
+        construction (see ``reset_parameters``).  An initialiser aimed at the
+        layer itself (``init_cfg=dict(..., layer='OREPAConv2d')``, an
+        ``override=dict(name=...)``, ``normal_init(layer)``...) writes
+        :attr:`weight` and so replaces the design with that conv.  mmengine
+        matches ``layer=`` against the class name and its direct bases only:
+        ``layer='Conv2d'`` (a backbone's default Kaiming) does not select these
+        layers, ``'OREPAConv2d'``, ``'DBBConv2d'`` or ``'ReparamConv2d'`` do.
         """
 
     def extra_repr(self) -> str:

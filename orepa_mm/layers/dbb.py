@@ -253,6 +253,8 @@ class DBBConv2d(ConstantBuffers, ReparamConv2d):
         return w + self.identity_1x1_kxk if self.identity_based else w
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._weight_handout is not None:
+            self.apply_weight_writes()
         x, padding = self._pad_input(x)
         s, d, g = self.stride, self.dilation, self.groups
         out = self.bn_origin(F.conv2d(x, self.weight_origin, None, s, padding, d, g))
@@ -272,8 +274,12 @@ class DBBConv2d(ConstantBuffers, ReparamConv2d):
         return out
 
     # -- fusing --------------------------------------------------------------------
-    @torch.no_grad()
     def fused_kernel_bias(self) -> Tuple[Tensor, Optional[Tensor]]:
+        self.apply_weight_writes()
+        return self._fused_kernel_bias()
+
+    @torch.no_grad()
+    def _fused_kernel_bias(self) -> Tuple[Tensor, Optional[Tensor]]:
         k, g = self.kernel_size[0], self.groups
         parts: List[Tuple[Tensor, Tensor]] = [_fold(self.weight_origin, self.bn_origin)]
         if self.has_1x1:
@@ -299,6 +305,15 @@ class DBBConv2d(ConstantBuffers, ReparamConv2d):
         return kernel, bias
 
     # -- loading plain checkpoints ---------------------------------------------------
+    def current_kernel(self) -> Tensor:
+        """The fused kernel (eval mode: the BNs' running statistics)."""
+        return self._fused_kernel_bias()[0]
+
+    @torch.no_grad()
+    def load_plain_kernel(self, kernel: Tensor) -> None:
+        """As a plain checkpoint loads (:meth:`plain_state`): exact in eval mode."""
+        self.load_state_dict(self.plain_state(kernel), strict=False)  # every entry but the bias
+
     @torch.no_grad()
     def plain_state(self, weight: Tensor) -> Dict[str, Tensor]:
         """Values (by state-dict name) that make the block compute the plain

@@ -117,10 +117,14 @@ class OREPAConv2d(ReparamConv2d):
         self.reset_bias()
 
     # -- the generated kernel ---------------------------------------------------
-    @property
-    def weight(self) -> Tensor:
-        """The kernel the layer currently applies (derived, not a parameter)."""
+    def current_kernel(self) -> Tensor:
+        """The generated kernel (with its graph when gradients are enabled)."""
         return self.branches()
+
+    def load_plain_kernel(self, kernel: Tensor) -> None:
+        values = {name: t.detach() for name, t in self.branches.state_dict().items()}
+        values.update(self.branches.plain_state(kernel))
+        self.branches.load_state_dict(values)
 
     def _cache_key(self) -> tuple:
         # A parameter's version counter moves on every in-place update
@@ -145,11 +149,13 @@ class OREPAConv2d(ReparamConv2d):
         return super().train(mode)
 
     def __getstate__(self):
-        state = super().__getstate__().copy()
+        state = super().__getstate__()
         state['_cache'] = None
         return state
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._weight_handout is not None:
+            self.apply_weight_writes()
         x, padding = self._pad_input(x)
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.branches.parameters()):
             if torch.compiler.is_compiling():  # the generator's formula, which dynamo traces
@@ -160,6 +166,7 @@ class OREPAConv2d(ReparamConv2d):
         return F.conv2d(x, self._cached_kernel(), self.bias, self.stride, padding, self.dilation, self.groups)
 
     def fused_kernel_bias(self) -> Tuple[Tensor, Optional[Tensor]]:
+        self.apply_weight_writes()
         with torch.no_grad():
             return self.branches().detach().clone(), None if self.bias is None else self.bias.detach().clone()
 
