@@ -18,7 +18,7 @@ from mmengine.config import Config
 from .config import model_registry
 from .models.backbones import ReparamResNetMixin, reparam_conv_kind
 
-__all__ = ['deploy_config', 'max_relative_gap', 'model_outputs']
+__all__ = ['deploy_config', 'max_relative_gap', 'model_outputs', 'reparam_conv_cfgs']
 
 
 def _is_pretrained(init_cfg: Any) -> bool:
@@ -48,14 +48,28 @@ def _vanilla_node(node: Any, registry) -> Any:
         node['conv_cfg'] = None
         node.pop('init_cfg', None)  # the deploy checkpoint initialises the whole backbone
         changed = True
-    elif reparam_conv_kind(node.get('conv_cfg')):
-        node['conv_cfg'] = None
-        changed = True
+    else:
+        for key, value in node.items():  # conv_cfg, and any other conv config (e.g. a predictor_cfg)
+            if reparam_conv_kind(value):
+                node[key] = None
+                changed = True
     if changed:
         node.pop('pretrained', None)
         if _is_pretrained(node.get('init_cfg')):
             node.pop('init_cfg')
     return node
+
+
+def reparam_conv_cfgs(node: Any, path: str = 'model') -> List[str]:
+    """The dotted paths of every re-param conv config (``type`` OREPA/DBB) in
+    a (model) config; a deploy config has none."""
+    if isinstance(node, (list, tuple)):
+        return [p for i, v in enumerate(node) for p in reparam_conv_cfgs(v, f'{path}[{i}]')]
+    if not isinstance(node, dict):
+        return []
+    if reparam_conv_kind(node):
+        return [path]
+    return [p for k, v in node.items() for p in reparam_conv_cfgs(v, f'{path}.{k}')]
 
 
 def deploy_config(cfg: Config) -> Config:

@@ -11,6 +11,7 @@ from mmengine.config import Config
 
 import orepa_mm
 from conftest import ROOT, load_tool
+from orepa_mm.toy_data.jobs import TOY_JOBS
 
 fuse_tool = load_tool('fuse_checkpoint')
 
@@ -29,16 +30,21 @@ def _randomise(model: torch.nn.Module) -> None:
             t.add_(torch.randn(t.shape, generator=g) * 0.1)
 
 
-@pytest.fixture(scope='module')
-def training_ckpt(tmp_path_factory) -> Path:
-    """An mmengine-layout checkpoint of the toy OREPA detector."""
-    cfg = fuse_tool.load_config(str(DET_CFG))
+def _training_checkpoint(config: Path, path: Path) -> Path:
+    """Write an mmengine-layout checkpoint of ``config``'s model (randomised
+    statistics and branch scales) to ``path``."""
+    cfg = fuse_tool.load_config(str(config))
     model = fuse_tool.build_model(cfg)
     _randomise(model)
-    path = tmp_path_factory.mktemp('ckpt') / 'iter_10.pth'
     torch.save({'meta': {'iter': 10, 'dataset_meta': {'classes': ('person', 'bicycle', 'car')}},
                 'state_dict': model.state_dict(), 'optimizer': {'state': {}, 'param_groups': []}}, path)
     return path
+
+
+@pytest.fixture(scope='module')
+def training_ckpt(tmp_path_factory) -> Path:
+    """An mmengine-layout checkpoint of the toy OREPA detector."""
+    return _training_checkpoint(DET_CFG, tmp_path_factory.mktemp('ckpt') / 'iter_10.pth')
 
 
 def _files(d: Path) -> set:
@@ -96,8 +102,9 @@ def test_backbone_only_matches_vanilla_backbone_layout(training_ckpt, tmp_path):
 
 def test_onnx_export_matches_onnxruntime(training_ckpt, tmp_path):
     summary = fuse_tool.fuse_checkpoint(str(DET_CFG), str(training_ckpt), str(tmp_path / 'onnx'), onnx=True)
-    assert set(summary['onnx_max_rel_diff']) == {'backbone', 'backbone_neck'}
+    assert set(summary['onnx_max_rel_diff']) == {'backbone', 'backbone_neck', 'backbone_neck_rpn_head'}
     assert max(summary['onnx_max_rel_diff'].values()) < 1e-4
+    assert [line.split(' ')[0] for line in summary['onnx_left_out']] == ['roi_head', 'post-processing']
 
 
 def test_error_checkpoint_of_another_config(training_ckpt, tmp_path, capsys):
@@ -148,3 +155,60 @@ def test_segmentor_deploy_config(tmp_path):
     dcfg = fuse_tool.deploy_config(cfg)
     assert dcfg.model.backbone.type == 'ResNetV1c' and dcfg.model.backbone.conv_cfg is None
     assert dcfg.model.get('pretrained') is None and 'custom_imports' not in dcfg
+
+
+ALL_DET_CFG = ROOT / TOY_JOBS['detector'].config('orepa').replace('-orepa_', '-orepa-all_')
+ALL_SEG_CFG = ROOT / TOY_JOBS['segmentor'].config('orepa').replace('-orepa_', '-orepa-all_')
+
+
+@pytest.mark.parametrize('config', [ALL_DET_CFG, ALL_SEG_CFG], ids=['detector', 'segmentor'])
+def test_orepa_all_fuses_backbone_neck_and_heads(config: Path, tmp_path, capsys):
+    """OREPA in backbone, neck and heads: every layer fused, a deploy config
+    with no re-param conv config anywhere that the vanilla framework builds
+    and loads strictly, and --onnx exporting up to the dense head's outputs
+    while naming what it left out."""
+    ckpt = _training_checkpoint(config, tmp_path / 'iter_10.pth')
+    out = tmp_path / 'out'
+    summary = fuse_tool.fuse_checkpoint(str(config), str(ckpt), str(out), do_verify=True, onnx=True)
+    model = fuse_tool.build_model(fuse_tool.load_config(str(config)))
+    outside = [n for n, m in model.named_modules() if isinstance(m, orepa_mm.ReparamConv2d)
+               and not n.startswith('backbone.')]
+    assert outside and summary['layers_fused'] == orepa_mm.count_reparam_layers(model)
+    assert summary['max_rel_diff'] <= 1e-5 and summary['biased_convs'] == []
+    text = (out / f'{config.stem}_fused.py').read_text()
+    assert 'OREPA' not in text and 'orepa_mm' not in text
+    dcfg = Config.fromfile(str(out / f'{config.stem}_fused.py'))
+    assert fuse_tool.reparam_conv_cfgs(dcfg.model) == []
+    vanilla = fuse_tool.build_model(dcfg)
+    vanilla.load_state_dict(torch.load(out / f'{config.stem}_fused.pth', weights_only=True)['state_dict'],
+                            strict=True)
+    assert orepa_mm.count_reparam_layers(vanilla) == 0
+    onnx, left_out = summary['onnx_max_rel_diff'], summary['onnx_left_out']
+    head = 'backbone_neck_bbox_head' if config == ALL_DET_CFG else 'backbone_decode_head'
+    assert head in onnx or any(line.startswith(f'{head} (export failed') for line in left_out), left_out
+    assert 'backbone' in onnx and max(onnx.values()) < 1e-4
+    assert any(line.startswith('post-processing') for line in left_out)
+    log = capsys.readouterr().out
+    assert 'ONNX left out: post-processing' in log
+
+
+def test_dbb_head_without_bn_keeps_bias_and_names_the_layers(tmp_path, capsys):
+    """DBB convs in a GroupNorm head: no BatchNorm absorbs the fused bias, so
+    those convs keep it and the tool names them (the deploy config needs
+    ``bias=True`` there); the fused model still equals the unfused one."""
+    config = tmp_path / 'fcos_dbb_head.py'
+    base = ROOT / TOY_JOBS['detector'].config('dbb')
+    # conv_bias='auto': convs followed by a norm have no bias in the vanilla head.
+    config.write_text(f"_base_ = {str(base)!r}\n"
+                      "model = dict(bbox_head=dict(conv_cfg=dict(type='DBB'), conv_bias='auto'))\n")
+    ckpt = _training_checkpoint(config, tmp_path / 'iter_10.pth')
+    summary = fuse_tool.fuse_checkpoint(str(config), str(ckpt), str(tmp_path / 'out'), do_verify=True)
+    model = fuse_tool.build_model(fuse_tool.load_config(str(config)))
+    head_dbb = sorted(n for n, m in model.named_modules()
+                      if isinstance(m, orepa_mm.DBBConv2d) and n.startswith('bbox_head.'))
+    assert head_dbb and summary['biased_convs'] == head_dbb
+    assert summary['max_rel_diff'] <= 1e-5
+    log = capsys.readouterr().out
+    assert 'bias=True' in log and head_dbb[0] in log
+    sd = torch.load(tmp_path / 'out' / f'{config.stem}_fused.pth', weights_only=True)['state_dict']
+    assert all(f'{n}.bias' in sd for n in head_dbb)

@@ -4,14 +4,15 @@
                                     [--backbone-only] [--force]
 
 Builds the model from CONFIG, loads CHECKPOINT (weights-only), replaces every
-OREPA/DBB layer (backbone, neck or head) by its plain conv with
-``orepa_mm.fuse_model`` and writes
+OREPA/DBB layer anywhere in the model (backbone, neck, heads) by its plain
+conv with ``orepa_mm.fuse_model_with_report`` and writes
 
 * ``OUT_DIR/<name>_fused.pth``: an mmengine checkpoint (``state_dict`` and
   ``meta``, no optimizer state) that vanilla mmdet/mmseg load;
 * ``OUT_DIR/<name>_fused.py``: the deploy config, with every OREPA/DBB
-  backbone or ``conv_cfg`` replaced by the vanilla one, no ``orepa_mm``
-  import and no pretrained initialisation;
+  backbone and every re-param ``conv_cfg`` (backbone, neck, heads) replaced
+  by the vanilla one, no ``orepa_mm`` import and no pretrained
+  initialisation;
 
 or, with ``--backbone-only``, ``OUT_DIR/<name>_fused_backbone.pth``: the
 fused backbone's weights in the vanilla backbone's key layout (usable as
@@ -20,8 +21,17 @@ fused backbone's weights in the vanilla backbone's key layout (usable as
 ``--verify`` compares the training-time and the fused model in eval mode on
 samples of the config's test set (random input if it cannot be loaded) and
 exits non-zero when the largest relative difference exceeds 1e-5.
-``--onnx`` exports the fused backbone (and backbone + neck) and checks
-onnxruntime against PyTorch.
+``--onnx`` exports what it can of the fused model: the backbone, backbone +
+neck, and backbone + neck + the dense head (mmdet's single-stage and RPN
+heads, mmseg's decode head) up to their raw outputs; each export is checked
+with onnxruntime against PyTorch, and the tool says what it left out (the
+parts that failed to export, RoI heads, auxiliary heads, post-processing).
+
+A DBB layer fuses into a conv with a bias; where no BatchNorm follows it to
+absorb that bias (e.g. a conv followed by GroupNorm in a head), the fused
+conv keeps it and the tool names those layers: the deploy config must build
+them with ``bias=True`` (nothing else changes), which it says in a warning
+and in the summary (``biased_convs``).
 """
 from __future__ import annotations
 
@@ -38,7 +48,7 @@ import orepa_mm
 from orepa_mm.checkpoint import atomic_write, extract_state_dict, load_checkpoint_file, save_atomic
 from orepa_mm.cli import EXIT_STATUS_HELP, ToolError, log, tool_main
 from orepa_mm.config import build_model, load_config
-from orepa_mm.deploy import deploy_config, max_relative_gap, model_outputs
+from orepa_mm.deploy import deploy_config, max_relative_gap, model_outputs, reparam_conv_cfgs
 
 VERIFY_TOL = 1e-5
 
@@ -92,15 +102,65 @@ def sample_batches(cfg, model: nn.Module, n: int = 2) -> Tuple[List[Any], str]:
     return [dict(inputs=torch.randn(1, 3, 256, 256), data_samples=None) for _ in range(n)], 'random input'
 
 
-def export_onnx(fused: nn.Module, out_dir: str, name: str, input_shape=(1, 3, 224, 224)) -> Dict[str, float]:
-    """Export the backbone (and backbone + neck) and compare onnxruntime with torch."""
+class _Chain(nn.Module):
+    """Backbone, then optionally a neck and a head, on one image batch: the
+    raw outputs of the last part, as a flat tuple of tensors."""
+
+    def __init__(self, *parts: nn.Module) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        for part in self.parts:
+            x = part(x)
+        return tuple(_flat(x))
+
+
+def _flat(obj: Any) -> List[torch.Tensor]:
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _flat(o)]
+    return []
+
+
+#: Heads that run on the (neck's) features alone, by attribute name.
+DENSE_HEADS = ('bbox_head', 'decode_head', 'rpn_head')
+#: Parts an export never holds, and why.
+NOT_EXPORTED = {'roi_head': 'needs proposals and RoI ops', 'auxiliary_head': 'training only',
+                'mask_head': 'needs RoIs'}
+
+
+def onnx_parts(fused: nn.Module) -> Tuple[Dict[str, nn.Module], List[str]]:
+    """What :func:`export_onnx` tries to export (name -> module, longest
+    last) and what it leaves out by design (one line each)."""
+    backbone = fused.backbone
+    neck = getattr(fused, 'neck', None)
+    chain = [backbone] + ([neck] if neck is not None else [])
+    parts: Dict[str, nn.Module] = {'backbone': _Chain(backbone)}
+    if neck is not None:
+        parts['backbone_neck'] = _Chain(*chain)
+    head_name = next((h for h in DENSE_HEADS if getattr(fused, h, None) is not None), None)
+    if head_name is not None:
+        parts[f'backbone_{"neck_" if neck is not None else ""}{head_name}'] = _Chain(*chain, getattr(fused, head_name))
+    left_out = [f'{name} ({why})' for name, why in NOT_EXPORTED.items() if getattr(fused, name, None) is not None]
+    left_out.append('post-processing (box decoding, NMS, resizing to the input image): not part of the raw outputs')
+    return parts, left_out
+
+
+def export_onnx(fused: nn.Module, out_dir: str, name: str,
+                input_shape=(1, 3, 224, 224)) -> Tuple[Dict[str, float], List[str]]:
+    """Export what :func:`onnx_parts` names and compare onnxruntime with torch.
+
+    Returns ``{part: max relative difference}`` for the exported parts and
+    the list of what is left out (by design, or because its export failed),
+    each with the reason.
+    """
     import onnxruntime as ort
 
-    parts: Dict[str, nn.Module] = {'backbone': fused.backbone}
-    if getattr(fused, 'neck', None) is not None:
-        parts['backbone_neck'] = nn.Sequential(fused.backbone, fused.neck)
+    parts, left_out = onnx_parts(fused)
     x = torch.randn(*input_shape)
-    errors = {}
+    errors: Dict[str, float] = {}
     for part, module in parts.items():
         module.eval()
         path = osp.join(out_dir, f'{name}_fused_{part}.onnx')
@@ -108,13 +168,19 @@ def export_onnx(fused: nn.Module, out_dir: str, name: str, input_shape=(1, 3, 22
 
         def write(tmp: str, module=module) -> None:
             torch.onnx.export(module, (x,), tmp, opset_version=17, dynamo=False)
-        atomic_write(path, write)
+        try:
+            atomic_write(path, write)
+        except Exception as e:  # noqa: BLE001 - an operator ONNX lacks: report and go on
+            left_out.append(f'{part} (export failed: {type(e).__name__}: {str(e).splitlines()[0][:120]})')
+            continue
         session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
         got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         errors[part] = max((r - torch.from_numpy(g)).abs().max().item() / (r.abs().max().item() or 1.0)
                            for r, g in zip(ref, got))
         log(f'ONNX {part}: {path} (onnxruntime vs torch, max rel. diff {errors[part]:.2e})')
-    return errors
+    for line in left_out:
+        log(f'ONNX left out: {line}')
+    return errors, left_out
 
 
 def fuse_checkpoint(config: str, checkpoint: str, out_dir: str, backbone_only: bool = False,
@@ -136,17 +202,27 @@ def fuse_checkpoint(config: str, checkpoint: str, out_dir: str, backbone_only: b
     # The deploy model must build from the deploy config; its keys also tell
     # an already-fused checkpoint apart.
     dcfg = deploy_config(cfg)
+    left = reparam_conv_cfgs(dcfg.model)
+    if left:
+        raise RuntimeError(f'the deploy config still has re-param conv configs at {left}')
     vanilla = build_model(cfg, dcfg.model)
     log(f'[2/4] loading {checkpoint}')
     load_training_checkpoint(model, vanilla, ckpt, checkpoint)
     log(f'[3/4] fusing {n_layers} re-param layers')
-    fused = orepa_mm.fuse_model(model)
+    report = orepa_mm.fuse_model_with_report(model)
+    fused = report.model
     missing, unexpected = vanilla.load_state_dict(fused.state_dict(), strict=False)
+    # A conv listed in biased_convs carries a bias the deploy config does not build.
+    unexpected = [k for k in unexpected if k not in {f'{c}.bias' for c in report.biased_convs}]
     if missing or unexpected:
         raise RuntimeError(f'fused weights do not fit the deploy config (missing {missing[:3]}, '
                            f'unexpected {unexpected[:3]})')
+    if report.biased_convs:
+        log(f'WARNING: {len(report.biased_convs)} fused conv(s) keep a bias because no BatchNorm follows them '
+            f'to absorb it; build them with bias=True in the deploy config: {", ".join(report.biased_convs)}')
     summary: Dict[str, Any] = dict(layers_fused=n_layers, params_before=count_params(model),
-                                   params_after=count_params(fused), outputs=outputs)
+                                   params_after=count_params(fused), outputs=outputs,
+                                   biased_convs=list(report.biased_convs))
     if do_verify:
         batches, source = sample_batches(cfg, model)
         summary['max_rel_diff'] = max_relative_gap(model, fused, batches)
@@ -168,7 +244,7 @@ def fuse_checkpoint(config: str, checkpoint: str, out_dir: str, backbone_only: b
     if not backbone_only:
         atomic_write(outputs[1], dcfg.dump)  # the suffix tells mmengine to write Python
     if onnx:
-        summary['onnx_max_rel_diff'] = export_onnx(fused, out_dir, name)
+        summary['onnx_max_rel_diff'], summary['onnx_left_out'] = export_onnx(fused, out_dir, name)
     log(f'fused {n_layers} layers: parameters {summary["params_before"]:,} -> {summary["params_after"]:,}'
         + (f'; max relative difference {summary["max_rel_diff"]:.2e}' if do_verify else ''))
     return summary
@@ -182,7 +258,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('out_dir')
     parser.add_argument('--backbone-only', action='store_true', help='write only the fused backbone weights')
     parser.add_argument('--verify', action='store_true', help=f'compare fused vs unfused (fails above {VERIFY_TOL})')
-    parser.add_argument('--onnx', action='store_true', help='export the fused backbone (+neck) to ONNX and check it')
+    parser.add_argument('--onnx', action='store_true',
+                        help='export the fused backbone, + neck, + dense head to ONNX, check them, '
+                             'say what is left out')
     parser.add_argument('--force', action='store_true', help='overwrite existing outputs')
     return parser.parse_args(argv)
 
