@@ -144,12 +144,12 @@ def onnx_parts(fused: nn.Module) -> Tuple[Dict[str, nn.Module], List[str]]:
     if head_name is not None:
         parts[f'backbone_{"neck_" if neck is not None else ""}{head_name}'] = _Chain(*chain, getattr(fused, head_name))
     left_out = [f'{name} ({why})' for name, why in NOT_EXPORTED.items() if getattr(fused, name, None) is not None]
-    left_out.append('post-processing (box decoding, NMS, resizing to the input image): not part of the raw outputs')
+    left_out.append('post-processing (box decoding and NMS, or resizing to the image): not part of the raw outputs')
     return parts, left_out
 
 
 def export_onnx(fused: nn.Module, out_dir: str, name: str,
-                input_shape=(1, 3, 224, 224)) -> Tuple[Dict[str, float], List[str]]:
+                input_shape=(1, 3, 288, 288)) -> Tuple[Dict[str, float], List[str]]:
     """Export what :func:`onnx_parts` names and compare onnxruntime with torch.
 
     Returns ``{part: max relative difference}`` for the exported parts and
