@@ -10,7 +10,11 @@ folds that bias into the BatchNorm that consumes the conv's output, found
    model's ``extract_feat`` when it has one, as mmdet/mmseg models do, else
    the model itself) records which BatchNorm receives exactly the conv's
    output tensor, at every call of the conv, with no other consumer of that
-   tensor (checked on the autograd graph) and no other input to that BN.
+   tensor (checked on the autograd graph) and no other input to that BN; or,
+   for a conv called once, the BN that receives exactly the channel
+   concatenation (``torch.cat`` along channels) that is the output's only
+   consumer (CGNet's local and surrounding convs): the bias then shifts that
+   slice of the BN's running mean.
 
 Convs the trace does not reach (heads behind ``extract_feat``) rely on the
 name lookup; where neither finds a BN the fused conv keeps its bias (the
@@ -29,6 +33,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
 
 from . import kernels as K
 from .layers.base import ReparamConv2d
@@ -150,13 +155,38 @@ def _run_trace(model: nn.Module, example_input: Tensor) -> List[Tensor]:
             m.training = mode
 
 
+#: A BN and the first of its channels that a conv's output feeds.
+NormSlice = Tuple[_BatchNorm, int]
+_CATS = (torch.cat, torch.concat, torch.concatenate)
+
+
+class _ChannelCats(TorchFunctionMode):
+    """Records ``(inputs, output)`` of every concatenation of 4-d tensors along channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cats: List[Tuple[List[Tensor], Tensor]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _CATS and isinstance(out, Tensor) and out.dim() == 4:
+            tensors = args[0] if args else kwargs.get('tensors', ())
+            dim = args[1] if len(args) > 1 else kwargs.get('dim', 0)
+            if dim in (1, -3):
+                self.cats.append((list(tensors), out))
+        return out
+
+
 def _trace_norms(model: nn.Module, convs: Dict[str, nn.Module],
-                 example_input: Tensor) -> Dict[str, _BatchNorm]:
-    """The BatchNorm that exclusively consumes each conv's output, by the data flow.
+                 example_input: Tensor) -> Dict[str, NormSlice]:
+    """The BatchNorm (and channel offset) that exclusively consumes each
+    conv's output, by the data flow.
 
     ``convs``: qualified name -> layer.  A conv gets a BN only when at every
     call its output tensor goes to that BN and nowhere else, and that BN
-    only ever receives this conv's outputs.
+    only ever receives this conv's outputs; or through one channel
+    concatenation (:func:`_cat_norm`).
     """
     conv_outputs: Dict[str, List[Tensor]] = {name: [] for name in convs}
     norm_inputs: Dict[nn.Module, List[Tensor]] = {}
@@ -173,8 +203,10 @@ def _trace_norms(model: nn.Module, convs: Dict[str, nn.Module],
     for m in model.modules():
         if isinstance(m, _NORM_TYPES):
             hooks.append(m.register_forward_pre_hook(record_input))
+    cats = _ChannelCats()
     try:
-        outputs = _run_trace(model, example_input)
+        with cats:
+            outputs = _run_trace(model, example_input)
     finally:
         for h in hooks:
             h.remove()
@@ -182,9 +214,33 @@ def _trace_norms(model: nn.Module, convs: Dict[str, nn.Module],
     found = {}
     for name, outs in conv_outputs.items():
         norm = _exclusive_norm(outs, norm_inputs, uses)
-        if norm is not None:
-            found[name] = norm
+        slice_ = (norm, 0) if norm is not None else _cat_norm(outs, cats.cats, norm_inputs, uses)
+        if slice_ is not None:
+            found[name] = slice_
     return found
+
+
+def _cat_norm(outs: List[Tensor], cats: List[Tuple[List[Tensor], Tensor]],
+              norm_inputs: Dict[nn.Module, List[Tensor]], uses: Dict[object, int]) -> Optional[NormSlice]:
+    """For a conv called once whose output's only consumer is one channel
+    concatenation that only a BN (called once) consumes: that BN and the
+    output's first channel in the concatenation; else None."""
+    if len(outs) != 1 or not isinstance(outs[0], Tensor) or uses.get(outs[0].grad_fn, 0) != 1:
+        return None
+    out = outs[0]
+    hits = [(inputs, cat) for inputs, cat in cats if sum(t is out for t in inputs) == 1]
+    if len(hits) != 1:
+        return None
+    inputs, cat = hits[0]
+    norm = _exclusive_norm([cat], norm_inputs, uses)
+    if norm is None:
+        return None
+    offset = 0
+    for t in inputs:
+        if t is out:
+            return norm, offset
+        offset += t.shape[1]
+    return None
 
 
 def _exclusive_norm(outs: List[Tensor], norm_inputs: Dict[nn.Module, List[Tensor]],
@@ -219,12 +275,15 @@ def _plain_copy(conv: nn.Conv2d) -> nn.Conv2d:
 
 
 @torch.no_grad()
-def _absorb_bias(conv: nn.Conv2d, norm: Optional[nn.Module]) -> Optional[nn.Conv2d]:
-    """Fold ``conv``'s bias into ``norm``'s running mean and return the conv
-    without bias; None (nothing changed) when ``norm`` cannot absorb it."""
+def _absorb_bias(conv: nn.Conv2d, found: Optional[NormSlice]) -> Optional[nn.Conv2d]:
+    """Fold ``conv``'s bias into the running mean of the BN channels it feeds
+    (``found``: the BN, the first channel) and return the conv without bias;
+    None (nothing changed) when there is no BN to absorb it."""
+    norm, offset = found if found is not None else (None, 0)
     if norm is None or getattr(norm, 'running_mean', None) is None:
         return None
-    norm.running_mean.copy_(K.fold_bias_into_bn(conv.bias, norm.running_mean))
+    mean = norm.running_mean[offset:offset + conv.out_channels]
+    mean.copy_(K.fold_bias_into_bn(conv.bias, mean))
     return _plain_copy(conv)
 
 
@@ -265,7 +324,10 @@ def fuse_model_with_report(model: nn.Module, inplace: bool = False,
     layers = _reparam_children(model)
     fused = {qual: layer.fuse() for qual, _, _, layer in layers}
     needs_norm = {qual for qual, _, _, layer in layers if fused[qual].bias is not None and layer.bias is None}
-    norms = {qual: _following_norm(parent, name) for qual, parent, name, _ in layers if qual in needs_norm}
+    norms: Dict[str, Optional[NormSlice]] = {}
+    for qual, parent, name, _ in layers:
+        norm = _following_norm(parent, name) if qual in needs_norm else None
+        norms[qual] = (norm, 0) if norm is not None else None
     missing = {qual: layer for qual, _, _, layer in layers if qual in needs_norm and norms[qual] is None}
     if missing:
         norms.update(_trace_or_warn(model, missing, example_input))
@@ -283,7 +345,7 @@ def fuse_model_with_report(model: nn.Module, inplace: bool = False,
 
 
 def _trace_or_warn(model: nn.Module, convs: Dict[str, nn.Module],
-                   example_input: Optional[Tensor]) -> Dict[str, _BatchNorm]:
+                   example_input: Optional[Tensor]) -> Dict[str, NormSlice]:
     """:func:`_trace_norms`, or nothing found (with a warning) if the model
     cannot run ``example_input``."""
     if example_input is None:

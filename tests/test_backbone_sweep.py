@@ -7,8 +7,9 @@ The set of backbones is discovered from the registries; a backbone that is
 neither covered by :data:`CASES` nor listed in :data:`UNSUPPORTED` (with the
 reason) fails :func:`test_sweep_covers_every_conv_cfg_backbone`, so a new
 framework version cannot add one silently.  Configurations are tiny (a few
-channels, one block per stage, 32 px inputs) and run in float64, so that the
-comparison measures the fuse, not rounding amplified by depth.
+channels, one block per stage, 32 px inputs); the training step runs in
+float32, the comparison in float64, so that it measures the fuse, not
+rounding amplified by depth.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ CASES: Dict[str, Tuple[dict, Any]] = {
                    None),
     'mmdet.HRNet': (dict(type='HRNet', extra=_TINY_HRNET), None),
     'mmdet.MobileNetV2': (dict(type='MobileNetV2', widen_factor=0.25, out_indices=(2, 4, 7)), None),
-    'mmdet.EfficientNet': (dict(type='EfficientNet', arch='b0', out_indices=(2, 4, 6)), None),
+    'mmdet.EfficientNet': (dict(type='EfficientNet', arch='b-tiny', out_indices=(2, 4, 6)), None),
     'mmdet.CSPDarknet': (dict(type='CSPDarknet', deepen_factor=0.33, widen_factor=0.125), None),
     'mmdet.CSPNeXt': (dict(type='CSPNeXt', deepen_factor=0.167, widen_factor=0.125), None),
     'mmdet.Darknet': (dict(type='Darknet', depth=0, out_indices=(1, 2)), None),
@@ -83,9 +84,11 @@ CASES: Dict[str, Tuple[dict, Any]] = {
 }
 
 #: Tiny entries added to a backbone's ``arch_settings`` while it is built
-#: (Darknet has no width or depth option below its 41M-parameter Darknet-53).
+#: (Darknet has no width or depth option below its 41M-parameter Darknet-53,
+#: EfficientNet none below B0).
 EXTRA_ARCH: Dict[str, Tuple[Any, Any]] = {
     'mmdet.Darknet': (0, ((1, 1), ((32, 16), (16, 32)))),
+    'mmdet.EfficientNet': ('b-tiny', (0.25, 0.3, 32)),  # (widen, deepen, resolution) of the 'b' layers
 }
 
 #: Backbones that take ``conv_cfg`` but pass it to none of their layers (mmseg
@@ -167,16 +170,17 @@ def _build(key: str, conv_cfg) -> nn.Module:
     finally:
         if key in EXTRA_ARCH:
             del arch[EXTRA_ARCH[key][0]]
-    model.init_weights()
+    if hasattr(model, 'init_weights'):  # InterpConv is a plain nn.Module
+        model.init_weights()
     for m in model.modules():  # mmdet's TridentConv allocates its kernel uninitialised and no init_cfg reaches it
         if type(m).__name__ == 'TridentConv':
             nn.init.kaiming_uniform_(m.weight, a=1)
-    return model.double()
+    return model
 
 
 def _input(key: str) -> torch.Tensor:
     size = (CASES[key] if key in CASES else IGNORING_CONV_CFG[key])[1] or SIZE
-    return torch.randn(BATCH, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return torch.randn(BATCH, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
 def _outputs(out) -> List[torch.Tensor]:
@@ -218,14 +222,16 @@ def test_backbone_fuses_to_vanilla(key: str, kind: str) -> None:
     layer = OREPAConv2d if kind == 'OREPA' else DBBConv2d
     assert any(isinstance(m, layer) for m in model.modules()), f'{key}: conv_cfg={kind} built no {kind} layer'
     x = _input(key)
-    _train_step(model, x)
+    _train_step(model, x)  # in float32; the comparison in float64
+    model.double()
+    x = x.double()
     _randomise_bn(model)
     model.eval()
     with torch.no_grad():
         expected = _outputs(model(x))
     report = orepa_mm.fuse_model_with_report(model)
     assert report.biased_convs == [], f'{key}: fused convs kept a bias: {report.biased_convs}'
-    vanilla = _build(key, None)
+    vanilla = _build(key, None).double()
     vanilla.eval()  # some backbones' train() returns None
     assert _shapes(report.model) == _shapes(vanilla), f'{key}: fused state_dict differs from the vanilla one'
     vanilla.load_state_dict(report.model.state_dict())
