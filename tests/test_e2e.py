@@ -6,6 +6,7 @@ and a 2-process (gloo) distributed run."""
 from __future__ import annotations
 
 import pickle
+import re
 import sys
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from conftest import DET_CFG, DET_ITERS, ROOT, SEG_CFG, _iters, bin_path, last_metric, run
+from orepa_mm.toy_data.jobs import TOY_JOBS
 
 pytestmark = pytest.mark.slow
 
@@ -98,3 +100,58 @@ def test_toy_plain_and_orepa_detectors_same_iterations(det_run, toy_root):
     assert 0.0 <= plain_map <= 1.0 and 0.0 <= orepa_map <= 1.0
     REPORT[f'toy Faster R-CNN bbox mAP after {DET_ITERS} iterations'] = \
         f'plain {plain_map:.4f}, OREPA {orepa_map:.4f}'
+
+
+#: The toy OREPA-everywhere configs (backbone, neck, heads), which follow the toy OREPA configs.
+ALL_JOBS = {'det': (TOY_JOBS['detector'], 'mmdet'), 'seg': (TOY_JOBS['segmentor'], 'mmseg')}
+ALL_ITERS = 4
+
+
+@pytest.mark.parametrize('kind', list(ALL_JOBS))
+def test_orepa_all_toy_model_fused_reproduces_metric_without_orepa_mm(kind, toy_root, no_orepa_env):
+    """OREPA in backbone, neck and heads: train a few iterations (the
+    in-training evaluation runs on the test set), fuse with --verify, and
+    evaluate the deploy checkpoint with vanilla mmdet/mmseg in a process
+    where orepa_mm cannot be imported: the same metric, and for the detector
+    the same detections as the unfused model's `mim test`."""
+    from conftest import REPORT
+    job, fw = ALL_JOBS[kind]
+    cfg = ROOT / job.config('orepa').replace('-orepa_', '-orepa-all_')
+    work = toy_root / f'work_all_{kind}'
+    # A few iterations leave every score under the default threshold: keep them all.
+    keep = ['model.test_cfg.score_thr=0.0'] if kind == 'det' else []
+    train = run([bin_path('mim'), 'train', fw, str(cfg), '--work-dir', str(work)] + _iters(ALL_ITERS, ALL_ITERS)
+                + keep, cwd=toy_root)
+    trained = last_metric(train.stdout + train.stderr, job.metric)
+    ckpt, out_dir = work / f'iter_{ALL_ITERS}.pth', toy_root / f'fused_all_{kind}'
+    fuse = run([sys.executable, str(ROOT / 'tools/fuse_checkpoint.py'), str(cfg), str(ckpt), str(out_dir),
+                '--verify'], cwd=toy_root)
+    gaps = re.findall(r'max \|fused - unfused\| / \|out\| = ([0-9.e+-]+)', fuse.stdout + fuse.stderr)
+    assert gaps and float(gaps[-1]) <= 1e-5, fuse.stdout[-2000:]
+    gap = float(gaps[-1])
+    fused_cfg, fused_ckpt = out_dir / f'{cfg.stem}_fused.py', out_dir / f'{cfg.stem}_fused.pth'
+    text = fused_cfg.read_text()
+    assert 'orepa_mm' not in text and 'OREPA' not in text
+    preds = {}
+    tests = [('fused', fused_cfg, fused_ckpt, no_orepa_env)]
+    if kind == 'det':  # mAP after a few iterations can be 0: compare the detections too
+        tests.append(('unfused', cfg, ckpt, None))
+    for name, test_cfg, test_ckpt, env in tests:
+        extra = ['--out', str(toy_root / f'all_preds_{name}.pkl'), '--cfg-options'] + keep if kind == 'det' else []
+        test = run([bin_path('mim'), 'test', fw, str(test_cfg), '--checkpoint', str(test_ckpt), '--work-dir',
+                    str(toy_root / f'test_all_{kind}_{name}')] + extra, cwd=toy_root, env=env)
+        preds[name] = last_metric(test.stdout + test.stderr, job.metric)
+    assert abs(preds['fused'] - trained) < 1e-3
+    if kind == 'det':
+        with open(toy_root / 'all_preds_unfused.pkl', 'rb') as f:
+            ref = pickle.load(f)
+        with open(toy_root / 'all_preds_fused.pkl', 'rb') as f:
+            got = pickle.load(f)
+        assert len(ref) == len(got) > 0
+        for a, b in zip(ref, got):
+            sa, sb = np.asarray(a['pred_instances']['scores']), np.asarray(b['pred_instances']['scores'])
+            assert len(sa) > 0
+            n = min(len(sa), len(sb), 20)
+            np.testing.assert_allclose(sa[:n], sb[:n], atol=1e-4)
+    REPORT[f'toy {cfg.stem} after {ALL_ITERS} iterations'] = \
+        f'{job.metric_name} {trained:.4f} (OREPA), {preds["fused"]:.4f} (fused, vanilla {fw}); verify gap {gap:.2e}'
