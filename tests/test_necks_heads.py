@@ -98,21 +98,8 @@ def _flat(out) -> List[torch.Tensor]:
     return [t for o in out for t in _flat(o)]
 
 
-def _train_step(module: nn.Module, inputs: tuple) -> None:
-    module.train()
-    optim = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.05)
-    loss = sum(t.square().mean() for t in _flat(module(*inputs)))
-    loss.backward()
-    optim.step()
-
-
-@torch.no_grad()
-def _random_bn_stats(module: nn.Module) -> None:
-    g = torch.Generator().manual_seed(1)
-    for m in module.modules():
-        if isinstance(m, _BatchNorm):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+def _loss(out) -> torch.Tensor:
+    return sum(t.square().mean() for t in _flat(out))
 
 
 def _max_rel_gap(a_out, b_out) -> float:
@@ -140,13 +127,19 @@ def test_neck_or_head_trains_and_fuses_into_the_vanilla_module(case: str):
                                      for n in depthwise)
     inputs = make_inputs()
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
-    _train_step(module, inputs)
+    module.train()
+    _loss(module(*inputs)).backward()
+    torch.optim.SGD(module.parameters(), lr=0.05).step()
     assert all(torch.isfinite(p).all() for p in module.parameters())
     reparam_params = [n for n, m in module.named_modules() if isinstance(m, orepa_mm.OREPAConv2d)]
     moved = [n for n in reparam_params if not torch.equal(before[f'{n}.branches.branch_scales'],
                                                           module.get_submodule(n).branches.branch_scales)]
     assert moved == reparam_params, 'every OREPA layer must get a gradient step'
-    _random_bn_stats(module)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-trivial BN statistics, as after training
+        for bn in (m for m in module.modules() if isinstance(m, _BatchNorm)):
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.2)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
     module.eval()
     report = orepa_mm.fuse_model_with_report(module)
     fused = report.model
@@ -176,7 +169,7 @@ def _reference_grads(module: nn.Module, inputs: tuple) -> Dict[str, torch.Tensor
         if isinstance(m, orepa_mm.OREPAConv2d):
             m.register_forward_hook(by_formula)
     ref.train()
-    sum(t.square().mean() for t in _flat(ref(*inputs))).backward()
+    _loss(ref(*inputs)).backward()
     return {n: p.grad for n, p in ref.named_parameters()}
 
 
@@ -193,7 +186,7 @@ def test_retina_head_convs_shared_by_five_levels_get_the_summed_gradient():
             p.add_(torch.randn_like(p) * 0.05)
     expected = _reference_grads(module, inputs)
     module.train()
-    sum(t.square().mean() for t in _flat(module(*inputs))).backward()
+    _loss(module(*inputs)).backward()
     shared = [n for n, p in module.named_parameters() if '.branches.' in n]
     assert shared and all(module.get_parameter(n).grad is not None for n in shared)
     for n, p in module.named_parameters():
