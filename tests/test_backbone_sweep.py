@@ -22,6 +22,7 @@ import torch.nn as nn
 from mmengine.registry import DefaultScope
 
 import orepa_mm
+from numerics import _one_thread  # noqa: F401 - autouse fixture: tiny tensors, one intra-op thread
 from orepa_mm.layers import DBBConv2d, OREPAConv2d
 
 #: Relative tolerance of the fused-vs-unfused eval outputs (float64).

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from mmcv.cnn import ConvModule
 
+from numerics import _one_thread  # noqa: F401 - autouse fixture: tiny tensors, one intra-op thread
 from orepa_mm import FuseReport, fuse_model, fuse_model_with_report
 from orepa_mm.layers import DBBConv2d
 

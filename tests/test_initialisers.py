@@ -16,6 +16,7 @@ from mmcv.cnn import ConvModule, build_conv_layer
 from mmengine.model import BaseModule, bias_init_with_prob, constant_init, kaiming_init, normal_init, xavier_init
 
 import orepa_mm  # noqa: F401 - registers the conv types
+from numerics import _one_thread  # noqa: F401 - autouse fixture: tiny tensors, one intra-op thread
 from orepa_mm.layers import DBBConv2d, OREPAConv2d, ReparamConv2d
 
 LAYERS = [OREPAConv2d, DBBConv2d]
