@@ -76,7 +76,7 @@ def no_orepa_env(tmp_path_factory) -> dict:
 
 # -- real training runs, shared by the end-to-end, safety and fuse tests ------------
 DET_CFG = ROOT / 'configs/toy/faster-rcnn_r18w16-orepa_fpn_300i_toy-coco.py'
-SEG_CFG = ROOT / 'configs/toy/pspnet_r18w16-d8-orepa_1xb4-200i_toy-cityscapes-128x256.py'
+SEG_CFG = ROOT / 'configs/toy/pspnet_r18w32-d8-orepa_1xb4-300i_toy-cityscapes-128x256.py'
 DET_ITERS, SEG_ITERS = 20, 10
 
 

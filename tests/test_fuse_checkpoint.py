@@ -17,7 +17,7 @@ fuse_tool = load_tool('fuse_checkpoint')
 
 DET_CFG = ROOT / 'configs/toy/faster-rcnn_r18w16-orepa_fpn_300i_toy-coco.py'
 DBB_CFG = ROOT / 'configs/toy/faster-rcnn_r18w16-dbb_fpn_300i_toy-coco.py'
-SEG_CFG = ROOT / 'configs/toy/pspnet_r18w16-d8-orepa_1xb4-200i_toy-cityscapes-128x256.py'
+SEG_CFG = ROOT / 'configs/toy/pspnet_r18w32-d8-orepa_1xb4-300i_toy-cityscapes-128x256.py'
 
 
 def _randomise(model: torch.nn.Module) -> None:

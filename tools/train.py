@@ -1,6 +1,6 @@
 """Train an mmdet or mmseg config with mmengine's Runner (for users without mim).
 
-    python tools/train.py configs/toy/faster-rcnn_r18w16-orepa_fpn_300i_toy-coco.py
+    python tools/train.py configs/toy/fcos_r18w32-orepa_fpn_600i_toy-coco.py
     bash tools/dist_train.sh CONFIG 2          # two processes (gloo on CPU, nccl on GPUs)
 """
 from __future__ import annotations

@@ -1,6 +1,9 @@
-# Toy Faster R-CNN: a slim ResNet-18 (base width 16) FPN detector trained from
-# scratch on the toy COCO-format set (orepa_mm/toy_data), 160x160
-# images, a few minutes on 2 CPU cores.  The OREPA and DBB variants inherit
+# Toy Faster R-CNN: a slim ResNet-18 (base width 16) FPN detector on the toy
+# COCO-format set (orepa_mm/toy_data), 160x160.  A two-stage smoke config: the
+# tests run RoI heads, mim and fusing through it for a few iterations.  It is
+# not tuned to learn within minutes from scratch (about 0.02 bbox mAP after
+# 300 iterations); the toy detector that does is the FCOS one
+# (fcos_r18w32-*_fpn_600i_toy-coco.py).  The OREPA and DBB variants inherit
 # this file and change only the backbone type.
 _base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
 custom_imports = dict(imports=['orepa_mm'], allow_failed_imports=False)
