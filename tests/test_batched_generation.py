@@ -12,6 +12,7 @@ launch overhead: it is exact and does not depend on the input size
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import sys
 from pathlib import Path
@@ -252,6 +253,25 @@ def small_net(dtype=torch.float64) -> nn.Module:
     return net.train()
 
 
+def test_nothing_of_a_dropped_model_stays_alive():
+    """A generation whose kernels not every member took (here the second conv
+    skips a forward) must not keep itself, its virtual generator and the
+    packed parameters alive through the autograd graph once the model is gone."""
+    import weakref
+
+    from orepa_mm.layers import batched_generation
+    model = nn.Sequential(*(OREPAConv2d(6, 6, 3, padding=1) for _ in range(2))).double()
+    x = torch.randn(1, 6, 8, 8, dtype=torch.float64)
+    model(x).sum().backward()
+    model[0](x).sum()  # a forward of one member, no backward
+    generation = weakref.ref(batched_generation._group_of(model[0].branches).generation)
+    assert generation() is not None and generation().kernels is not None
+    del model
+    batched_generation._GROUPS.clear()
+    gc.collect()
+    assert generation() is None
+
+
 def test_bf16_autocast_on_cpu(per_layer):
     x = torch.randn(4, 3, 16, 16)
 
@@ -360,10 +380,17 @@ def test_operators_per_step_do_not_grow_with_depth():
 
 
 # -- DDP ---------------------------------------------------------------------------------
-def _ddp_worker(rank: int, world: int, port: int, path: str) -> None:
+def _ddp_worker(rank: int, world: int, rendezvous: str, path: str) -> None:
+    import datetime
+
     import torch.distributed as dist
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    dist.init_process_group('gloo', rank=rank, world_size=world)
+
+    # Loopback only, a file rendezvous (no port to collide on) and a short
+    # timeout: a sandbox whose hostname resolves to an unreachable address must
+    # fail this test quickly instead of hanging the suite.
+    os.environ['GLOO_SOCKET_IFNAME'] = 'lo'
+    dist.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     model = nn.parallel.DistributedDataParallel(resnet())
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -373,9 +400,18 @@ def _ddp_worker(rank: int, world: int, port: int, path: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.timeout(300)
 def test_ddp_two_processes_match_one(tmp_path, per_layer):
     path = str(tmp_path / 'ddp_grads.pt')
-    mp.start_processes(_ddp_worker, args=(2, 29531, path), nprocs=2, join=True, start_method='spawn')
+    workers = mp.start_processes(_ddp_worker, args=(2, str(tmp_path / 'rendezvous'), path), nprocs=2,
+                                 join=False, start_method='spawn')
+    try:
+        while not workers.join():
+            pass
+    finally:
+        for proc in workers.processes:
+            if proc.is_alive():
+                proc.kill()
     got = torch.load(path)
     per_layer()
     model = resnet()

@@ -63,9 +63,9 @@ def _seg_batch(h: int, w: int) -> dict:
 
 @pytest.fixture(autouse=True)
 def _release_models():
-    """Drop the batched-generation groups and collect after each config: the
-    full-size models (ResNeXt-101, R101 with OREPA) are large, and memory held
-    from one config to the next added up past the machine's RAM."""
+    """Drop the batched-generation groups and collect after each config, so
+    that the full-size models (ResNeXt-101, R101 with OREPA: several GB each
+    with their optimizer state) do not overlap in memory."""
     yield
     from orepa_mm.layers import batched_generation
     batched_generation._GROUPS.clear()

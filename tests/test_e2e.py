@@ -79,7 +79,8 @@ def test_blocked_import_really_blocks(no_orepa_env, toy_root):
 def test_distributed_two_process_gloo(toy_root):
     work = toy_root / 'work_dist'
     out = run(['bash', str(ROOT / 'tools/dist_train.sh'), str(DET_CFG), '2', '--work-dir', str(work)]
-              + _iters(2, 2), cwd=toy_root, env={'OMP_NUM_THREADS': '1', 'PORT': '29517', 'PYTHON': sys.executable})
+              + _iters(2, 2), cwd=toy_root, env={'OMP_NUM_THREADS': '1', 'PORT': '29517', 'PYTHON': sys.executable,
+                                           'GLOO_SOCKET_IFNAME': 'lo'})
     log = out.stdout + out.stderr
     assert 'Distributed training: True' in log and 'MMDistributedDataParallel' in log, log[-3000:]
     assert (work / 'iter_2.pth').is_file()

@@ -232,7 +232,11 @@ class _GroupGenerate(torch.autograd.Function):
     def forward(ctx, group: _Group, generation: _Generation, members: Sequence[nn.Module],
                 *params: Tensor) -> Tuple[Tensor, ...]:
         virtual = group._virtual(members)
-        ctx.virtual, ctx.generation = virtual, generation
+        # Weakly: the generation holds the kernels, whose grad_fn holds this
+        # ctx, and a strong reference back would make a cycle through the
+        # autograd graph that Python's gc cannot see, keeping every packed
+        # parameter of a model alive after the model is gone.
+        ctx.virtual, ctx.generation = virtual, weakref.ref(generation)
         generation.virtual = virtual
         ctx.names = [name for name, _ in members[0].named_parameters(recurse=False)]
         ctx.n = len(members)
@@ -244,8 +248,11 @@ class _GroupGenerate(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_kernels: Optional[Tensor]):
         n, names = ctx.n, ctx.names
-        ctx.generation.pending = False  # the next forward generates again
-        ctx.generation.regenerated = ctx.generation.virtual = None  # nothing of the group outlives its step
+        generation = ctx.generation()
+        if generation is not None:
+            generation.pending = False  # the next forward generates again
+            # Nothing of the group outlives its step.
+            generation.kernels = generation.regenerated = generation.virtual = None
         needed = ctx.needs_input_grad[3:]
         result: List[Optional[Tensor]] = [None] * len(needed)
         reached = [g is not None for g in grad_kernels]
