@@ -47,6 +47,19 @@ def bin_path(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+@pytest.fixture(autouse=True)
+def _restore_default_scope():
+    """Each test leaves mmengine's default scope as it found it: loading a
+    config or ``register_all_modules(init_default_scope=True)`` makes one
+    framework the default, and a later build from the other framework's
+    registry would then look its types up in the wrong registry."""
+    from mmengine.registry import DefaultScope
+    saved = DefaultScope._instance_dict.copy()
+    yield
+    DefaultScope._instance_dict.clear()
+    DefaultScope._instance_dict.update(saved)
+
+
 @pytest.fixture(scope='session')
 def toy_root(tmp_path_factory) -> Path:
     """A working directory holding ``data/toy/{coco,cityscapes}`` (small sets),
