@@ -7,7 +7,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(PY) tools/demo.py
+	$(PY) -W "ignore:pkg_resources is deprecated" tools/demo.py
 
 test: setup
 	$(PY) -m pytest tests -q -ra --durations=15

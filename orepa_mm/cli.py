@@ -90,17 +90,33 @@ def keep_console_readable(logger: logging.Logger, setup_dumps: bool = False) -> 
             handler.addFilter(_DropLines(starts))
 
 
+def warnings_to_log_file(logger: logging.Logger) -> None:
+    """Send Python warnings (the frameworks' deprecation notices...) to
+    ``logger``'s log file instead of the console; a later call moves them to
+    the new logger's file."""
+    logging.captureWarnings(True)
+    py_warnings = logging.getLogger('py.warnings')
+    py_warnings.propagate = False
+    for handler in list(py_warnings.handlers):
+        py_warnings.removeHandler(handler)
+    files = [h for h in logger.handlers if isinstance(h, logging.FileHandler)]
+    for handler in files or [logging.NullHandler()]:
+        py_warnings.addHandler(handler)
+
+
 def build_runner(cfg, quiet_setup: bool = False):
     """``Runner.from_cfg(cfg)`` with a readable console (:func:`keep_console_readable`).
 
     With ``quiet_setup`` the environment and config dumps that the Runner
-    logs while it is built go to its log file only (its console handler is
-    created writing into a buffer, then pointed at stdout).
+    logs while it is built, and Python warnings, go to its log file only (its
+    console handler is created writing into a buffer, then pointed at stdout).
     """
     from mmengine.runner import Runner
     if not quiet_setup:
         runner = Runner.from_cfg(cfg)
     else:
+        logging.captureWarnings(True)  # warnings of the build itself: to the file below
+        logging.getLogger('py.warnings').propagate = False
         stdout, sys.stdout = sys.stdout, io.StringIO()
         try:
             runner = Runner.from_cfg(cfg)
@@ -109,6 +125,7 @@ def build_runner(cfg, quiet_setup: bool = False):
         for handler in runner.logger.handlers:
             if isinstance(handler, logging.StreamHandler) and handler.stream is buffer:
                 handler.setStream(_CurrentStdout())
+        warnings_to_log_file(runner.logger)
     keep_console_readable(runner.logger, setup_dumps=quiet_setup)
     return runner
 

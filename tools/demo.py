@@ -45,6 +45,14 @@ def evaluate(runner, console_log: str) -> dict:
         return runner.test()
 
 
+def metric_of(metrics: dict, key: str, name: str) -> float:
+    """``metrics[key]``; 0 where the evaluator returned nothing because the
+    model predicted nothing (mmdet's CocoMetric after very few iterations)."""
+    if key not in metrics:
+        log(f'{name}: no {key} (the model predicted nothing); counted as 0')
+    return float(metrics.get(key, 0.0))
+
+
 def run_job(name: str, config: str, metric_key: str, work_root: str, max_iters: Optional[int]) -> Dict[str, float]:
     """Train ``config``, evaluate it, fuse it, evaluate the fused model."""
     cfg = load_config(osp.join(ROOT, config))
@@ -68,9 +76,9 @@ def run_job(name: str, config: str, metric_key: str, work_root: str, max_iters: 
     n_layers = orepa_mm.count_reparam_layers(model)
     runner.model = fused
     fused_metrics = evaluate(runner, console_log)
-    log(f'{name}: {metric_key} {metrics[metric_key]:.3f}, fused {fused_metrics[metric_key]:.3f} '
-        f'(trained in {train_time:.0f} s)')
-    return dict(metric=metrics[metric_key], fused_metric=fused_metrics[metric_key], train_time=train_time,
+    metric, fused_metric = metric_of(metrics, metric_key, name), metric_of(fused_metrics, metric_key, name)
+    log(f'{name}: {metric_key} {metric:.3f}, fused {fused_metric:.3f} (trained in {train_time:.0f} s)')
+    return dict(metric=metric, fused_metric=fused_metric, train_time=train_time,
                 gap=gap, layers=n_layers, metric_key=metric_key)
 
 
