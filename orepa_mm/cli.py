@@ -15,6 +15,7 @@ import functools
 import io
 import logging
 import sys
+import warnings
 from typing import Callable, Optional, Sequence, Tuple
 
 from mmengine.logging import MMLogger, print_log
@@ -90,10 +91,10 @@ def keep_console_readable(logger: logging.Logger, setup_dumps: bool = False) -> 
             handler.addFilter(_DropLines(starts))
 
 
-def warnings_to_log_file(logger: logging.Logger) -> None:
-    """Send Python warnings (the frameworks' deprecation notices...) to
-    ``logger``'s log file instead of the console; a later call moves them to
-    the new logger's file."""
+def _warnings_to_log_file(logger: logging.Logger, earlier: Sequence[warnings.WarningMessage] = ()) -> None:
+    """Send Python warnings (the frameworks' deprecation notices...), from now
+    on and ``earlier`` ones, to ``logger``'s log file instead of the console;
+    a later call moves them to the new logger's file."""
     logging.captureWarnings(True)
     py_warnings = logging.getLogger('py.warnings')
     py_warnings.propagate = False
@@ -102,30 +103,32 @@ def warnings_to_log_file(logger: logging.Logger) -> None:
     files = [h for h in logger.handlers if isinstance(h, logging.FileHandler)]
     for handler in files or [logging.NullHandler()]:
         py_warnings.addHandler(handler)
+    for w in earlier:
+        py_warnings.warning(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line).rstrip())
 
 
 def build_runner(cfg, quiet_setup: bool = False):
     """``Runner.from_cfg(cfg)`` with a readable console (:func:`keep_console_readable`).
 
     With ``quiet_setup`` the environment and config dumps that the Runner
-    logs while it is built, and Python warnings, go to its log file only (its
-    console handler is created writing into a buffer, then pointed at stdout).
+    logs while it is built, and Python warnings (those of the build itself
+    included), go to its log file only (its console handler is created
+    writing into a buffer, then pointed at stdout).
     """
     from mmengine.runner import Runner
     if not quiet_setup:
         runner = Runner.from_cfg(cfg)
     else:
-        logging.captureWarnings(True)  # warnings of the build itself: to the file below
-        logging.getLogger('py.warnings').propagate = False
         stdout, sys.stdout = sys.stdout, io.StringIO()
         try:
-            runner = Runner.from_cfg(cfg)
+            with warnings.catch_warnings(record=True) as during_build:  # no log file yet
+                runner = Runner.from_cfg(cfg)
         finally:
             buffer, sys.stdout = sys.stdout, stdout
         for handler in runner.logger.handlers:
             if isinstance(handler, logging.StreamHandler) and handler.stream is buffer:
                 handler.setStream(_CurrentStdout())
-        warnings_to_log_file(runner.logger)
+        _warnings_to_log_file(runner.logger, during_build)
     keep_console_readable(runner.logger, setup_dumps=quiet_setup)
     return runner
 

@@ -1,13 +1,14 @@
 """Shared fixtures: the repository root, toy data and subprocess helpers."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import pytest
 
@@ -47,17 +48,26 @@ def bin_path(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-@pytest.fixture(autouse=True)
-def _restore_default_scope():
-    """Each test leaves mmengine's default scope as it found it: loading a
-    config or ``register_all_modules(init_default_scope=True)`` makes one
-    framework the default, and a later build from the other framework's
-    registry would then look its types up in the wrong registry."""
+@contextlib.contextmanager
+def preserved_default_scope() -> Iterator[None]:
+    """Leave mmengine's default scope as it was: loading a config or
+    ``register_all_modules(init_default_scope=True)`` makes one framework the
+    default, and a later build from the other framework's registry would then
+    look its types up in the wrong registry."""
     from mmengine.registry import DefaultScope
     saved = DefaultScope._instance_dict.copy()
-    yield
-    DefaultScope._instance_dict.clear()
-    DefaultScope._instance_dict.update(saved)
+    try:
+        yield
+    finally:
+        DefaultScope._instance_dict.clear()
+        DefaultScope._instance_dict.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _restore_default_scope() -> Iterator[None]:
+    """Each test (module-scoped fixtures use :func:`preserved_default_scope` themselves)."""
+    with preserved_default_scope():
+        yield
 
 
 @pytest.fixture(scope='session')

@@ -11,6 +11,8 @@ from typing import Any, Dict
 
 import pytest
 
+from conftest import preserved_default_scope
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'tools' / 'analysis_tools' / 'accuracy_benchmark.py'
 
@@ -23,19 +25,6 @@ def _tool():
     return module
 
 
-def _main(tool, argv: list) -> int:
-    """``tool.main(argv)`` in this process, leaving mmengine's default scope as
-    it found it: the tool loads configs, which makes mmdet the default scope,
-    and a later test that builds from mmseg's registry would get mmdet's class."""
-    from mmengine.registry import DefaultScope
-    saved = DefaultScope._instance_dict.copy()
-    try:
-        return tool.main(argv)
-    finally:
-        DefaultScope._instance_dict.clear()
-        DefaultScope._instance_dict.update(saved)
-
-
 def _argv(toy_root: Path, out: Path, variants: list) -> list:
     return ['--tasks', 'detector', '--variants', *variants, '--seeds', '0', '--max-iters', '2',
             '--data-dir', str(toy_root / 'data' / 'toy'), '--out-dir', str(out)]
@@ -46,10 +35,13 @@ def bench(toy_root: Path, tmp_path_factory) -> Dict[str, Any]:
     """One benchmark of the detector (plain, OREPA; seed 0), then the same command again."""
     tool = _tool()
     out = tmp_path_factory.mktemp('accuracy')
-    assert _main(tool, _argv(toy_root, out, ['plain', 'orepa'])) == 0
-    first = json.loads((out / 'accuracy_benchmark.json').read_text())
-    stamps = {p: p.stat().st_mtime_ns for p in out.glob('runs/detector/*/seed0/result.json')}
-    assert _main(tool, _argv(toy_root, out, ['plain', 'orepa'])) == 0
+    # Module-scoped, so outside the per-test restore; the tool loads configs,
+    # which sets mmengine's default scope.
+    with preserved_default_scope():
+        assert tool.main(_argv(toy_root, out, ['plain', 'orepa'])) == 0
+        first = json.loads((out / 'accuracy_benchmark.json').read_text())
+        stamps = {p: p.stat().st_mtime_ns for p in out.glob('runs/detector/*/seed0/result.json')}
+        assert tool.main(_argv(toy_root, out, ['plain', 'orepa'])) == 0
     second = json.loads((out / 'accuracy_benchmark.json').read_text())
     return dict(tool=tool, out=out, first=first, second=second, stamps=stamps)
 
@@ -88,7 +80,7 @@ def test_resume_reuses_finished_runs(bench: Dict[str, Any]) -> None:
 
 def test_same_seed_same_result(bench: Dict[str, Any], toy_root: Path, tmp_path: Path) -> None:
     """The same seed trained again in another work dir gives the same losses and metric."""
-    assert _main(bench['tool'], _argv(toy_root, tmp_path, ['plain'])) == 0
+    assert bench['tool'].main(_argv(toy_root, tmp_path, ['plain'])) == 0
     again = json.loads((tmp_path / 'accuracy_benchmark.json').read_text())['runs'][0]
     first = bench['first']['runs'][0]
     assert not again['reused'] and again['run_dir'] != first['run_dir']
@@ -102,7 +94,7 @@ def test_same_seed_same_result(bench: Dict[str, Any], toy_root: Path, tmp_path: 
 ])
 def test_bad_input_exits_2(argv: list, message: str, tmp_path: Path, capsys) -> None:
     tool = _tool()
-    assert _main(tool, argv + ['--out-dir', str(tmp_path)]) == 2
+    assert tool.main(argv + ['--out-dir', str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('accuracy_benchmark: error: ') and message in err[0]
     assert not any(tmp_path.iterdir())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import gc
 import importlib
 from pathlib import Path
 
@@ -59,17 +58,6 @@ def _seg_batch(h: int, w: int) -> dict:
         s.gt_sem_seg = PixelData(data=torch.randint(0, 19, (1, h, w)))
         samples.append(s)
     return dict(inputs=[torch.randint(0, 255, (3, h, w), dtype=torch.uint8) for _ in samples], data_samples=samples)
-
-
-@pytest.fixture(autouse=True)
-def _release_models():
-    """Drop the batched-generation groups and collect after each config, so
-    that the full-size models (ResNeXt-101, R101 with OREPA: several GB each
-    with their optimizer state) do not overlap in memory."""
-    yield
-    from orepa_mm.layers import batched_generation
-    batched_generation._GROUPS.clear()
-    gc.collect()
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=[str(p.relative_to(ROOT / 'configs')) for p in CONFIGS])

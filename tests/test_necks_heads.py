@@ -34,10 +34,8 @@ def _feats(channels: List[int], sizes: List[int], seed: int = 0) -> Tuple[torch.
 def _mmdet(cfg: dict) -> nn.Module:
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
-    from mmengine.registry import DefaultScope
     register_all_modules(init_default_scope=False)
-    with DefaultScope.overwrite_default_scope('mmdet'):  # whatever scope an earlier test left
-        return MODELS.build(cfg)
+    return MODELS.build(cfg)
 
 
 def _mmcv_depthwise_separable(cfg: dict) -> nn.Module:
@@ -46,12 +44,10 @@ def _mmcv_depthwise_separable(cfg: dict) -> nn.Module:
 
 
 def _mmseg(cfg: dict) -> nn.Module:
-    from mmengine.registry import DefaultScope
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
     register_all_modules(init_default_scope=False)
-    with DefaultScope.overwrite_default_scope('mmseg'):  # whatever scope an earlier test left
-        return MODELS.build(cfg)
+    return MODELS.build(cfg)
 
 
 BN = dict(type='BN', requires_grad=True)
