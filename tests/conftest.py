@@ -1,7 +1,6 @@
 """Shared fixtures: the repository root, toy data and subprocess helpers."""
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import re
@@ -48,26 +47,28 @@ def bin_path(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-@contextlib.contextmanager
-def preserved_default_scope() -> Iterator[None]:
-    """Leave mmengine's default scope as it was: loading a config or
-    ``register_all_modules(init_default_scope=True)`` makes one framework the
-    default, and a later build from the other framework's registry would then
-    look its types up in the wrong registry."""
+@pytest.fixture(scope='session')
+def _session_default_scopes() -> dict:
     from mmengine.registry import DefaultScope
-    saved = DefaultScope._instance_dict.copy()
-    try:
-        yield
-    finally:
-        DefaultScope._instance_dict.clear()
-        DefaultScope._instance_dict.update(saved)
+    return DefaultScope._instance_dict.copy()
 
 
 @pytest.fixture(autouse=True)
-def _restore_default_scope() -> Iterator[None]:
-    """Each test (module-scoped fixtures use :func:`preserved_default_scope` themselves)."""
-    with preserved_default_scope():
-        yield
+def _default_scope_as_at_start(_session_default_scopes: dict) -> Iterator[None]:
+    """Every test starts and ends with mmengine's default scope as the session
+    began with it.  Loading a config or ``register_all_modules(init_default_scope=True)``
+    makes one framework the default, and a later build from the other
+    framework's registry would look its types up in the wrong registry; the
+    reset before the test also undoes what module-scoped fixtures (set up
+    before this one) left."""
+    from mmengine.registry import DefaultScope
+
+    def reset() -> None:
+        DefaultScope._instance_dict.clear()
+        DefaultScope._instance_dict.update(_session_default_scopes)
+    reset()
+    yield
+    reset()
 
 
 @pytest.fixture(scope='session')

@@ -11,8 +11,6 @@ from typing import Any, Dict
 
 import pytest
 
-from conftest import preserved_default_scope
-
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'tools' / 'analysis_tools' / 'accuracy_benchmark.py'
 
@@ -35,13 +33,10 @@ def bench(toy_root: Path, tmp_path_factory) -> Dict[str, Any]:
     """One benchmark of the detector (plain, OREPA; seed 0), then the same command again."""
     tool = _tool()
     out = tmp_path_factory.mktemp('accuracy')
-    # Module-scoped, so outside the per-test restore; the tool loads configs,
-    # which sets mmengine's default scope.
-    with preserved_default_scope():
-        assert tool.main(_argv(toy_root, out, ['plain', 'orepa'])) == 0
-        first = json.loads((out / 'accuracy_benchmark.json').read_text())
-        stamps = {p: p.stat().st_mtime_ns for p in out.glob('runs/detector/*/seed0/result.json')}
-        assert tool.main(_argv(toy_root, out, ['plain', 'orepa'])) == 0
+    assert tool.main(_argv(toy_root, out, ['plain', 'orepa'])) == 0
+    first = json.loads((out / 'accuracy_benchmark.json').read_text())
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob('runs/detector/*/seed0/result.json')}
+    assert tool.main(_argv(toy_root, out, ['plain', 'orepa'])) == 0
     second = json.loads((out / 'accuracy_benchmark.json').read_text())
     return dict(tool=tool, out=out, first=first, second=second, stamps=stamps)
 
