@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DET_CFG, DET_ITERS, ROOT, SEG_CFG, _iters, bin_path, last_metric, run
+from conftest import DET_CFG, DET_ITERS, DET_KEEP_ALL, ROOT, SEG_CFG, _iters, bin_path, last_metric, run
 from orepa_mm.toy_data.jobs import TOY_JOBS
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,7 @@ def test_fused_deploy_checkpoint_reproduces_metric_without_orepa_mm(kind, det_ru
     fused_cfg, fused_ckpt = out_dir / f'{name}_fused.py', out_dir / f'{name}_fused.pth'
     text = fused_cfg.read_text()
     assert 'orepa_mm' not in text and 'OREPA' not in text
-    extra = ['--out', str(toy_root / 'det_preds_fused.pkl')] if kind == 'det' else []
+    extra = ['--out', str(toy_root / 'det_preds_fused.pkl'), '--cfg-options'] + DET_KEEP_ALL if kind == 'det' else []
     test = run([bin_path('mim'), 'test', fw, str(fused_cfg), '--checkpoint', str(fused_ckpt), '--work-dir',
                 str(toy_root / f'test_fused_{kind}')] + extra, cwd=toy_root, env=no_orepa_env)
     log = test.stdout + test.stderr
@@ -67,6 +67,7 @@ def test_fused_deploy_checkpoint_reproduces_metric_without_orepa_mm(kind, det_ru
             got = pickle.load(f)
         for a, b in zip(ref, got):
             sa, sb = a['pred_instances']['scores'], b['pred_instances']['scores']
+            assert len(sa) > 0
             n = min(len(sa), len(sb), 20)
             np.testing.assert_allclose(np.asarray(sa[:n]), np.asarray(sb[:n]), atol=1e-4)
 
@@ -95,7 +96,7 @@ def test_toy_plain_and_orepa_detectors_same_iterations(det_run, toy_root):
     plain_cfg = ROOT / 'configs/toy/faster-rcnn_r18w16-plain_fpn_300i_toy-coco.py'
     work = toy_root / 'work_det_plain'
     out = run([bin_path('mim'), 'train', 'mmdet', str(plain_cfg), '--work-dir', str(work)]
-              + _iters(DET_ITERS, DET_ITERS), cwd=toy_root)
+              + _iters(DET_ITERS, DET_ITERS) + DET_KEEP_ALL, cwd=toy_root)
     plain_map = last_metric(out.stdout + out.stderr, 'coco/bbox_mAP')
     orepa_map = last_metric(det_run['train'], 'coco/bbox_mAP')
     assert 0.0 <= plain_map <= 1.0 and 0.0 <= orepa_map <= 1.0

@@ -70,3 +70,4 @@ default_hooks = dict(
 log_processor = dict(by_epoch=False)
 env_cfg = dict(dist_cfg=dict(backend='gloo'))  # CPU-friendly distributed runs
 auto_scale_lr = dict(enable=False)
+randomness = dict(seed=0)
