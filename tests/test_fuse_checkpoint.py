@@ -10,14 +10,12 @@ import torch
 from mmengine.config import Config
 
 import orepa_mm
-from conftest import ROOT, load_tool
+from conftest import DET_CFG, ROOT, SEG_CFG, load_tool
 from orepa_mm.toy_data.jobs import TOY_JOBS
 
 fuse_tool = load_tool('fuse_checkpoint')
 
-DET_CFG = ROOT / 'configs/toy/faster-rcnn_r18w16-orepa_fpn_300i_toy-coco.py'
 DBB_CFG = ROOT / 'configs/toy/faster-rcnn_r18w16-dbb_fpn_300i_toy-coco.py'
-SEG_CFG = ROOT / 'configs/toy/pspnet_r18w32-d8-orepa_1xb4-300i_toy-cityscapes-128x256.py'
 
 
 def _randomise(model: torch.nn.Module) -> None:
