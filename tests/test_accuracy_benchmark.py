@@ -11,6 +11,8 @@ from typing import Any, Dict
 
 import pytest
 
+from orepa_mm.toy_data.jobs import metric_value
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'tools' / 'analysis_tools' / 'accuracy_benchmark.py'
 
@@ -93,3 +95,11 @@ def test_bad_input_exits_2(argv: list, message: str, tmp_path: Path, capsys) -> 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('accuracy_benchmark: error: ') and message in err[0]
     assert not any(tmp_path.iterdir())
+
+
+def test_metric_value_counts_an_empty_evaluation_as_zero_and_refuses_a_missing_key() -> None:
+    assert metric_value({'coco/bbox_mAP': 0.25, 'coco/bbox_mAP_50': 0.5}, 'coco/bbox_mAP', 'det') == (0.25, None)
+    value, note = metric_value({}, 'coco/bbox_mAP', 'det')
+    assert value == 0.0 and 'no predictions' in note
+    with pytest.raises(KeyError, match="det: the evaluation gave no 'mIoU'"):
+        metric_value({'aAcc': 90.0}, 'mIoU', 'det')

@@ -26,6 +26,7 @@ import orepa_mm
 from orepa_mm.cli import EXIT_STATUS_HELP, ToolError, build_runner, log, tool_main
 from orepa_mm.config import load_config
 from orepa_mm.deploy import max_relative_gap
+from orepa_mm.toy_data.jobs import metric_value
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -46,11 +47,11 @@ def evaluate(runner, console_log: str) -> dict:
 
 
 def metric_of(metrics: dict, key: str, name: str) -> float:
-    """``metrics[key]``; 0 where the evaluator returned nothing because the
-    model predicted nothing (mmdet's CocoMetric after very few iterations)."""
-    if key not in metrics:
-        log(f'{name}: no {key} (the model predicted nothing); counted as 0')
-    return float(metrics.get(key, 0.0))
+    """``metrics[key]``, 0 with a log line where the evaluation returned nothing."""
+    value, note = metric_value(metrics, key, name)
+    if note:
+        log(f'{name}: {note}')
+    return value
 
 
 def run_job(name: str, config: str, metric_key: str, work_root: str, max_iters: Optional[int]) -> Dict[str, float]:

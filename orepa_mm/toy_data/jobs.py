@@ -8,9 +8,9 @@ the task is judged by.  The demo trains the ``orepa`` variant of each task;
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
-__all__ = ['ToyJob', 'TOY_JOBS', 'TOY_VARIANTS']
+__all__ = ['ToyJob', 'TOY_JOBS', 'TOY_VARIANTS', 'metric_value']
 
 #: The conv variants each toy task ships a config for.
 TOY_VARIANTS: Tuple[str, ...] = ('plain', 'dbb', 'orepa')
@@ -35,3 +35,17 @@ TOY_JOBS: Dict[str, ToyJob] = {
     'segmentor': ToyJob('configs/toy/pspnet_r18w32-d8-{variant}_1xb4-300i_toy-cityscapes-128x256.py', 'mIoU',
                         'mIoU'),
 }
+
+
+def metric_value(metrics: Mapping[str, Any], key: str, source: str) -> Tuple[float, Optional[str]]:
+    """``metrics[key]`` as a float, and a note where it had to be made up.
+
+    An evaluation that returned no metrics at all is counted as 0: mmdet's
+    CocoMetric returns nothing when the model predicted no box (after very
+    few iterations).  Metrics without ``key`` are an error naming ``source``.
+    """
+    if not metrics:
+        return 0.0, 'the evaluation returned no metrics (no predictions): counted as 0'
+    if key not in metrics:
+        raise KeyError(f'{source}: the evaluation gave no {key!r} (got {sorted(metrics)})')
+    return float(metrics[key]), None

@@ -24,6 +24,7 @@ from mmengine.hooks import Hook
 
 from orepa_mm.checkpoint import atomic_write_text
 from orepa_mm.config import load_config
+from orepa_mm.toy_data.jobs import metric_value
 
 
 def proc_status_bytes(field: str) -> Optional[int]:
@@ -97,13 +98,9 @@ def train(config: str, metric: str) -> Dict[str, Any]:
     record = RecordHook()
     runner.register_hook(record)
     runner.train()
-    note = None
-    if not record.metrics:  # CocoMetric returns nothing when the model predicted no box at all
-        record.metrics[metric], note = 0.0, 'the evaluation returned no metrics (no predictions): counted as 0'
-    if metric not in record.metrics:
-        raise KeyError(f'{config}: the evaluation gave no {metric!r} (got {sorted(record.metrics)})')
+    value, note = metric_value(record.metrics, metric, config)
     numbers = {k: float(v) for k, v in record.metrics.items() if isinstance(v, (int, float))}
-    return dict(metric=float(record.metrics[metric]), metric_note=note, metrics=numbers,
+    return dict(metric=value, metric_note=note, metrics=numbers,
                 train_time_s=record.train_time, iters=len(record.losses), final_loss=record.losses[-1],
                 losses=record.losses, rss_before_train_bytes=record.rss_before_train,
                 peak_rss_bytes=record.peak_rss_train, peak_rss_process_bytes=proc_status_bytes('VmHWM'),
