@@ -3,7 +3,8 @@ where orepa_mm's tools read and write checkpoint files.
 
 Weights-only loading
 --------------------
-torch >= 2.6 loads with ``weights_only=True`` by default: its unpickler
+torch >= 2.6 loads with ``weights_only=True`` by default (older torch: see
+:func:`load_checkpoint_file` and :mod:`orepa_mm.compat`): its unpickler
 rebuilds tensors and plain containers, and refuses every other pickled global
 that is not allowlisted.  mmengine 0.10.7 calls ``torch.load`` without the
 argument, and its checkpoints hold more than tensors: the message hub's
@@ -83,6 +84,8 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
+
+from . import compat
 
 __all__ = ['safe_globals', 'install_safe_globals', 'numpy_dtype_classes', 'HISTORY_BUFFER_STATISTICS',
            'check_numpy_values', 'load_checkpoint_file', 'extract_state_dict', 'save_atomic', 'atomic_write',
@@ -188,7 +191,7 @@ def install_safe_globals() -> None:
     was cleared in between)."""
     if not SAFE_GLOBALS:
         SAFE_GLOBALS.extend(safe_globals())
-    torch.serialization.add_safe_globals(SAFE_GLOBALS)
+    compat.add_safe_globals(SAFE_GLOBALS)
     _check_mmengine_loaders()
 
 
@@ -319,16 +322,25 @@ def load_checkpoint_file(path: str, map_location: str = 'cpu') -> Any:
     """``torch.load(path, weights_only=True)`` followed by
     :func:`check_numpy_values`, with one clear single-line
     :class:`CheckpointError` per failure: missing file, corrupt or truncated
-    file, a global outside the allowlist, or a forged numpy value."""
+    file, a global outside the allowlist, or a forged numpy value.
+
+    On torch >= 2.6 this is torch's own weights-only loader with the
+    allowlist above.  On torch 2.1 to 2.5, whose weights-only loader takes no
+    such allowlist and cannot restore a ``HistoryBuffer`` or a numpy array, it is
+    :class:`orepa_mm.compat.RestrictedUnpickler` with the same allowlist
+    (torch's weights-only globals plus :func:`safe_globals`): an mmengine
+    training checkpoint loads, and a pickle that names any other global
+    (``os.system``, ``eval``, a class of its own) is refused just the same."""
     install_safe_globals()
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint not found: {path}')
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = compat.load_weights_only(path, map_location=map_location)
     except pickle.UnpicklingError as e:
         # torch's message: generic advice, then the reason on a line of its own.
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        reason = next((ln.split('WeightsUnpickler error:')[-1].strip() for ln in lines[1:]
+        # (torch's first line is advice; our own unpickler on an older torch gives one line.)
+        reason = next((ln.split('WeightsUnpickler error:')[-1].strip() for ln in (lines[1:] or lines)
                        if re.search(r'global|reduce|can only build|allowlist', ln, re.I)), None)
         if reason:
             raise CheckpointError(f'refusing to load {path}: it contains objects outside the weights-only '

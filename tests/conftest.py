@@ -149,3 +149,31 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.section('orepa_mm measurements')
         for key, value in REPORT.items():
             terminalreporter.write_line(f'{key}: {value}')
+
+
+# -- the compatibility job's selection ----------------------------------------------
+#: The line by which a test file says that it tests the library alone (pytest marker ``core``).
+CORE_FILE_MARK = 'pytestmark = pytest.mark.core'
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption('--core', action='store_true',
+                     help='run only the test files marked core, less their tests marked slow: the library '
+                          'without mmcv ops or mmdet/mmseg (what the compatibility job runs on the oldest torch)')
+
+
+def pytest_ignore_collect(collection_path: Path, config) -> Optional[bool]:
+    # Other files import mmdet/mmseg at the top: with --core they are not even imported.
+    if config.getoption('--core') and collection_path.suffix == '.py' and collection_path.name.startswith('test_'):
+        return CORE_FILE_MARK not in collection_path.read_text(encoding='utf-8')
+    return None
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if not config.getoption('--core'):
+        return
+    keep = [item for item in items if item.get_closest_marker('core') and not item.get_closest_marker('slow')]
+    dropped = [item for item in items if item not in keep]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+    items[:] = keep

@@ -22,6 +22,23 @@ CHANNELS = ((4, 8, 1), (4, 8, 2), (8, 4, 4), (6, 6, 6))
 SIZES = ((11, 7), (13, 10))
 
 
+def _cpu_float16_kernels() -> bool:
+    """Whether this torch has the float16 CPU kernels the layers use (torch
+    2.1 has no float16 ``bmm`` or ``conv2d`` on the CPU; CUDA has them all)."""
+    try:
+        a = torch.ones(1, 2, 2, dtype=torch.float16)
+        torch.bmm(a, a)
+        F.conv2d(torch.ones(1, 1, 3, 3, dtype=torch.float16), torch.ones(1, 1, 3, 3, dtype=torch.float16))
+    except RuntimeError:
+        return False
+    return True
+
+
+#: Marks a float16 case on the CPU: run where this torch can compute in float16 there.
+needs_cpu_float16 = pytest.mark.skipif(not _cpu_float16_kernels(),
+                                       reason=f'torch {torch.__version__} has no float16 bmm/conv2d on the CPU')
+
+
 
 
 @pytest.fixture(autouse=True, scope='module')

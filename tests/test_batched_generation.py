@@ -23,7 +23,6 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
-from mmdet.models.backbones import ResNet
 
 import orepa_mm
 from orepa_mm.layers import OREPAConv2d
@@ -33,6 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tools' / 'analysis
 from benchmark_lib import counters  # noqa: E402
 
 from conftest import REPORT  # noqa: E402
+from numerics import needs_cpu_float16  # noqa: E402
+from slim_resnet import SlimResNet  # noqa: E402
+
+# The library itself: run on the oldest supported torch too (the compatibility job).
+pytestmark = pytest.mark.core
 
 REL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -50,9 +54,9 @@ def per_layer(monkeypatch) -> Callable[[], None]:
 
 
 def resnet(depth: int = 18, dtype=torch.float64, seed: int = 0, **kwargs) -> nn.Module:
-    """A slim mmdet ResNet with OREPA convs and every branch contributing."""
+    """A slim ResNet with OREPA convs and every branch contributing."""
     torch.manual_seed(seed)
-    model = ResNet(depth=depth, base_channels=8, conv_cfg=dict(type='OREPA'), norm_eval=False, **kwargs).to(dtype)
+    model = SlimResNet(depth=depth, base_channels=8, conv_cfg=dict(type='OREPA'), **kwargs).to(dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith('branch_scales'):
@@ -290,6 +294,8 @@ def test_bf16_autocast_on_cpu(per_layer):
     assert_same_grads(ref, got, 5e-2)
 
 
+@needs_cpu_float16
+@pytest.mark.skipif(not hasattr(torch.amp, 'GradScaler'), reason='a CPU GradScaler needs torch >= 2.3')
 def test_fp16_autocast_with_grad_scaler(per_layer):
     """fp16 autocast and a GradScaler (what AmpOptimWrapper does on CUDA; here on CPU)."""
     x = torch.randn(4, 3, 16, 16)
@@ -369,8 +375,8 @@ def test_operators_per_step_do_not_grow_with_depth():
     operator count is a bounded multiple of the plain model's, and the same
     at two input sizes."""
     torch.manual_seed(0)
-    plain = ResNet(depth=50, base_channels=8)
-    orepa = ResNet(depth=50, base_channels=8, conv_cfg=dict(type='OREPA'))
+    plain = SlimResNet(depth=50, base_channels=8)
+    orepa = SlimResNet(depth=50, base_channels=8, conv_cfg=dict(type='OREPA'))
     plain.train()
     orepa.train()
     n_plain, n_orepa = ops_per_step(plain, 32), ops_per_step(orepa, 32)

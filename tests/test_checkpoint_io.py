@@ -21,6 +21,9 @@ from orepa_mm.checkpoint import (
     save_atomic,
 )
 
+# The library itself: run on the oldest supported torch too (the compatibility job).
+pytestmark = pytest.mark.core
+
 
 def _state() -> 'OrderedDict[str, torch.Tensor]':
     return nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)).state_dict()

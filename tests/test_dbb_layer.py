@@ -31,6 +31,9 @@ from numerics import (  # noqa: F401  (_one_thread, _seed: autouse fixtures)
 from orepa_mm.fuse import fuse_model
 from orepa_mm.layers import DBBConv2d, dbb_conv
 
+# The library itself: run on the oldest supported torch too (the compatibility job).
+pytestmark = pytest.mark.core
+
 
 def randomize_dbb_(layer: DBBConv2d) -> DBBConv2d:
     """Every branch contributes: the zero-initialised identity-based conv gets

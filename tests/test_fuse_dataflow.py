@@ -16,6 +16,9 @@ from numerics import _one_thread  # noqa: F401 - autouse fixture: tiny tensors, 
 from orepa_mm import FuseReport, fuse_model, fuse_model_with_report
 from orepa_mm.layers import DBBConv2d
 
+# The library itself: run on the oldest supported torch too (the compatibility job).
+pytestmark = pytest.mark.core
+
 
 @torch.no_grad()
 def _randomise(model: nn.Module) -> None:

@@ -29,6 +29,9 @@ from numerics import (  # noqa: F401  (_one_thread, _seed: autouse fixtures)
 from orepa_mm.fuse import fuse_model
 from orepa_mm.layers import DBBConv2d, OREPAConv2d, ReparamConv2d
 
+# The library itself: run on the oldest supported torch too (the compatibility job).
+pytestmark = pytest.mark.core
+
 
 # -- 1. fused vs unfused ---------------------------------------------------------
 def padding_choices(k: int, dilation: int) -> tuple:

@@ -19,6 +19,9 @@ import orepa_mm  # noqa: F401 - registers the conv types
 from numerics import _one_thread  # noqa: F401 - autouse fixture: tiny tensors, one intra-op thread
 from orepa_mm.layers import DBBConv2d, OREPAConv2d, ReparamConv2d
 
+# The library itself: run on the oldest supported torch too (the compatibility job).
+pytestmark = pytest.mark.core
+
 LAYERS = [OREPAConv2d, DBBConv2d]
 #: (in, out, kernel, groups): a 3x3, a 1x1, a depthwise 3x3 and the 7x7 stem.
 SHAPES = [(8, 16, 3, 1), (8, 16, 1, 1), (16, 16, 3, 16), (3, 16, 7, 1)]

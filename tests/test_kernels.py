@@ -15,6 +15,9 @@ from numerics import _one_thread, _seed, assert_rel_close, block_identity, conv1
 from orepa_mm import kernels as K
 from orepa_mm.layers import OREPAConv2d
 
+# The library itself: run on the oldest supported torch too (the compatibility job).
+pytestmark = pytest.mark.core
+
 
 # -- 8. kernel algebra --------------------------------------------------------------
 def dd(*shape: int) -> Tensor:

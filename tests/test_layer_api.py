@@ -34,6 +34,9 @@ from orepa_mm.layers import (
     build_branches,
 )
 
+# The library itself: run on the oldest supported torch too (the compatibility job).
+pytestmark = pytest.mark.core
+
 
 # -- 4. plain checkpoints -----------------------------------------------------------
 def random_plain_conv(cin: int, cout: int, k: int, groups: int, bias: bool) -> nn.Conv2d:

@@ -18,6 +18,7 @@ from numerics import (  # noqa: F401  (_one_thread, _seed: autouse fixtures)
     _one_thread,
     _seed,
     assert_rel_close,
+    needs_cpu_float16,
     prior_basis,
     randomize_,
     rel_err,
@@ -25,6 +26,9 @@ from numerics import (  # noqa: F401  (_one_thread, _seed: autouse fixtures)
 )
 from orepa_mm.fuse import fuse_model
 from orepa_mm.layers import DBBConv2d, ReparamConv2d
+
+# The library itself: run on the oldest supported torch too (the compatibility job).
+pytestmark = pytest.mark.core
 
 #: Relative tolerance of fused vs unfused (and of either vs the float64 result)
 #: per dtype: a few roundings of the dtype's epsilon (float16 2^-11,
@@ -97,7 +101,8 @@ def test_built_under_float64_default_dtype(cls: type, k: int, default_dtype) -> 
     check_trains_and_fuses(layer, torch.float64)
 
 
-@pytest.mark.parametrize('dtype', (torch.float64, torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize('dtype', (torch.float64, pytest.param(torch.float16, marks=needs_cpu_float16),
+                                   torch.bfloat16), ids=str)
 @pytest.mark.parametrize('k', KERNEL_SIZES)
 @pytest.mark.parametrize('cls', LAYER_CLASSES, ids=lambda c: c.__name__)
 def test_built_with_dtype_argument(cls: type, k: int, dtype: torch.dtype) -> None:
@@ -126,7 +131,8 @@ CONVERSIONS = {
 }
 
 
-@pytest.mark.parametrize('conversion', CONVERSIONS)
+@pytest.mark.parametrize('conversion', [pytest.param(c, marks=needs_cpu_float16) if dtype == torch.float16 else c
+                                        for c, (_, dtype) in CONVERSIONS.items()])
 @pytest.mark.parametrize('k', KERNEL_SIZES)
 @pytest.mark.parametrize('cls', LAYER_CLASSES, ids=lambda c: c.__name__)
 def test_converted_after_construction(cls: type, k: int, conversion: str) -> None:

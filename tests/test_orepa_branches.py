@@ -31,6 +31,9 @@ from numerics import (  # noqa: F401  (_one_thread, _seed: autouse fixtures)
 from orepa_mm.layers import OREPAConv2d
 from orepa_mm.layers.orepa import OREPA1x1Branches, OREPAKxKBranches, OREPAStackedBranches
 
+# The library itself: run on the oldest supported torch too (the compatibility job).
+pytestmark = pytest.mark.core
+
 
 # -- 2. the squeezed kernel equals the branches run on the feature map --------
 def kxk_branches_reference(x: Tensor, br: OREPAKxKBranches, stride: int, groups: int) -> Tensor:

@@ -49,6 +49,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import compat
+
 __all__ = ['training_conv', 'training_kernel', 'group_kernel', 'batchable']
 
 #: Names of a generator's attributes that count channels or groups: the
@@ -291,7 +293,7 @@ class _GroupConv(torch.autograd.Function):
     def forward(ctx, x: Tensor, kernel: Tensor, bias: Optional[Tensor], generation: _Generation, index: int,
                 layer: nn.Module, padding: Tuple[int, int]) -> Tensor:
         device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        dtype = compat.autocast_dtype(device_type) if compat.autocast_enabled(device_type) else x.dtype
         with torch.autocast(device_type, enabled=False):
             x = x.to(dtype)
             bias = None if bias is None else bias.to(dtype)
@@ -355,7 +357,7 @@ def training_conv(layer: nn.Module, x: Tensor, padding: Tuple[int, int]) -> Tens
             return _GroupConv.apply(x, kernel, layer.bias, generation, index, layer, padding)
     else:
         kernel = training_kernel(generator)
-    if kernel.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+    if kernel.dtype != x.dtype and not compat.autocast_enabled(x.device.type):
         kernel = kernel.to(x.dtype)
     return F.conv2d(x, kernel, layer.bias, layer.stride, padding, layer.dilation, layer.groups)
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .. import compat
+
 __all__ = ['KernelGenerator']
 
 
@@ -132,7 +134,7 @@ class KernelGenerator(nn.Module):
         # The kernel is a weight: generated in the parameters' dtype, like
         # nn.Conv2d's, whatever autocast then does to the conv.
         with torch.autocast(params[0].device.type, enabled=False):
-            if torch.compiler.is_compiling():  # the plain formula: dynamo traces it like any other ops
+            if compat.is_compiling():  # the plain formula: dynamo traces it like any other ops
                 return self.reference_kernel()
             if torch.is_grad_enabled() and any(p.requires_grad for p in params):
                 return _GeneratedKernel.apply(self, *params)

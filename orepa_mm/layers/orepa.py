@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import compat
 from .base import IntOrPair, ReparamConv2d
 from .batched_generation import training_conv
 from .kernel_generator import KernelGenerator
@@ -158,7 +159,7 @@ class OREPAConv2d(ReparamConv2d):
             self.apply_weight_writes()
         x, padding = self._pad_input(x)
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.branches.parameters()):
-            if torch.compiler.is_compiling():  # the generator's formula, which dynamo traces
+            if compat.is_compiling():  # the generator's formula, which dynamo traces
                 return F.conv2d(x, self.branches(), self.bias, self.stride, padding, self.dilation, self.groups)
             return training_conv(self, x, padding)  # generated with the other layers of its shape
         # No gradient for the branches (evaluation, frozen stages): the kernel
