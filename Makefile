@@ -2,15 +2,21 @@
 # first (idempotent, fast when already done).
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint benchmark
+.PHONY: setup demo test test-compat lint benchmark
 setup:
 	bash scripts/setup.sh
 
 demo: setup
 	$(PY) -W "ignore:pkg_resources is deprecated" tools/demo.py
 
+# The whole suite on the pinned stack, then the compatibility job.
 test: setup
 	$(PY) -m pytest tests -q -ra --durations=15
+	$(MAKE) --no-print-directory test-compat
+
+# The library tests on the oldest supported stack (Python 3.8, torch 2.1, mmengine 0.10.0) in .venv-compat.
+test-compat:
+	bash scripts/test_compat.sh
 
 lint: setup
 	$(PY) -m ruff check orepa_mm tools tests configs

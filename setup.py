@@ -3,7 +3,9 @@
 Requirements live in ``requirements/``: ``runtime.txt`` is what the library
 imports; ``mmdet.txt``/``mmseg.txt`` are the frameworks, as extras (so a
 plain ``pip install orepa_mm`` never compiles mmcv); ``tests.txt`` the test
-tools; ``constraints.txt`` the exact versions ``scripts/setup.sh`` installs.
+tools; ``constraints.txt`` the exact versions ``scripts/setup.sh`` installs
+(the top of the supported ranges), ``compat.txt`` the oldest ones, which the
+compatibility job tests (their bottom).
 """
 import re
 from pathlib import Path
@@ -30,7 +32,8 @@ setup(
     long_description=(HERE / 'README.md').read_text(),
     long_description_content_type='text/markdown',
     packages=find_packages(include=['orepa_mm', 'orepa_mm.*']),
-    python_requires='>=3.8',
+    # 3.8: the compatibility job; 3.11: the pinned stack (mmcv 2.1.0 has no build for newer Pythons).
+    python_requires='>=3.8,<3.12',
     install_requires=requirements('runtime'),
     extras_require={
         'mmdet': requirements('mmdet'),

@@ -28,6 +28,7 @@ from numerics import (  # noqa: F401  (_one_thread, _seed: autouse fixtures)
 )
 from orepa_mm.fuse import fuse_model
 from orepa_mm.layers import DBBConv2d, OREPAConv2d, ReparamConv2d
+from slim_resnet import SlimResNet
 
 # The library itself: run on the oldest supported torch too (the compatibility job).
 pytestmark = pytest.mark.core
@@ -136,3 +137,25 @@ def test_fuse_model_inplace_and_single_layer() -> None:
             assert_rel_close(model(x), ref, TOL[torch.float64], cls.__name__)
 
 
+
+
+@pytest.mark.parametrize('conv_cfg', [dict(type='OREPA'), dict(type='DBB'), dict(type='DBB', every_conv=True)],
+                         ids=['OREPA', 'DBB', 'DBB-every-conv'])
+def test_resnet_trains_a_step_and_fuses(conv_cfg: dict) -> None:
+    """A ResNet of re-param layers takes an SGD step, gets non-trivial BN
+    statistics, and fuses into plain convs that compute the same (float64)."""
+    model = SlimResNet(depth=18, base_channels=8, conv_cfg=conv_cfg).double()
+    for layer in model.modules():
+        if isinstance(layer, ReparamConv2d):
+            randomize_(layer)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    sum(out.square().mean() for out in model(x)).backward()
+    opt.step()
+    settle_bn_(model, 3, (32, 32))
+    fused = fuse_model(model)
+    assert not any(isinstance(m, ReparamConv2d) for m in fused.modules())
+    assert not any(isinstance(m, nn.Conv2d) and m.bias is not None for m in fused.modules()), 'a bias was left'
+    with torch.no_grad():
+        for got, expected in zip(fused(x), model(x)):
+            assert_rel_close(got, expected, 1e-10, str(conv_cfg))
