@@ -24,6 +24,7 @@ model stays exactly equivalent) and its name is reported in
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
+from mmengine.logging import print_log
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
@@ -275,25 +277,43 @@ def _plain_copy(conv: nn.Conv2d) -> nn.Conv2d:
 
 
 @torch.no_grad()
-def _absorb_bias(conv: nn.Conv2d, found: Optional[NormSlice]) -> Optional[nn.Conv2d]:
-    """Fold ``conv``'s bias into the running mean of the BN channels it feeds
-    (``found``: the BN, the first channel) and return the conv without bias;
-    None (nothing changed) when there is no BN to absorb it."""
-    norm, offset = found if found is not None else (None, 0)
-    if norm is None or getattr(norm, 'running_mean', None) is None:
+def _absorb_bias(conv: nn.Conv2d, found: Optional[List[NormSlice]]) -> Optional[nn.Conv2d]:
+    """Fold ``conv``'s bias into the running mean of the BN channels that
+    each of its uses feeds (``found``: distinct (BN, first channel) pairs,
+    each adjusted once) and return the conv without bias; None (nothing
+    changed) when some use has no BN to absorb it."""
+    if not found or any(getattr(norm, 'running_mean', None) is None for norm, _ in found):
         return None
-    mean = norm.running_mean[offset:offset + conv.out_channels]
-    mean.copy_(K.fold_bias_into_bn(conv.bias, mean))
+    for norm, offset in found:
+        mean = norm.running_mean[offset:offset + conv.out_channels]
+        mean.copy_(K.fold_bias_into_bn(conv.bias, mean))
     return _plain_copy(conv)
 
 
 def _reparam_children(model: nn.Module) -> List[Tuple[str, nn.Module, str, ReparamConv2d]]:
-    """(qualified name, parent, attribute name, layer) of every re-param layer."""
+    """(qualified name, parent, attribute name, layer) of every edge to a
+    re-param layer: a layer shared by several parents appears once per name."""
     found = []
-    for parent_name, parent in model.named_modules():
-        for name, child in parent.named_children():
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for name, child in parent._modules.items():  # named_children() names a shared child once
             if isinstance(child, ReparamConv2d):
                 found.append((f'{parent_name}.{name}' if parent_name else name, parent, name, child))
+    # named_modules(remove_duplicate=False) also lists a shared parent once per name: one edge per (parent, name).
+    seen: Set[Tuple[int, str]] = set()
+    return [e for e in found if (id(e[1]), e[2]) not in seen and not seen.add((id(e[1]), e[2]))]
+
+
+def _norms_by_name(edges: List[Tuple[str, nn.Module, str, ReparamConv2d]]) -> Optional[List[NormSlice]]:
+    """The distinct BNs that follow a layer under each of its names (by the
+    layout of its parents), or None when some name has none: then only the
+    data flow can tell."""
+    found: List[NormSlice] = []
+    for _, parent, name, _ in edges:
+        norm = _following_norm(parent, name)
+        if norm is None:
+            return None
+        if not any(norm is other for other, _ in found):
+            found.append((norm, 0))
     return found
 
 
@@ -301,10 +321,16 @@ def fuse_model_with_report(model: nn.Module, inplace: bool = False,
                            example_input: Optional[Tensor] = None) -> FuseReport:
     """Replace every OREPA/DBB layer of ``model`` by its equivalent ``nn.Conv2d``.
 
-    A fused bias that the vanilla layer lacks is folded into the BatchNorm
-    consuming the conv's output (by name, else by tracing the data flow of
-    one forward pass: see the module docstring); where none is found the
-    conv keeps the bias and is listed in :attr:`FuseReport.biased_convs`.
+    Each layer is fused once, however many names reach it: a layer shared by
+    several parents (RetinaSepBNHead's convs, shared across FPN levels)
+    becomes one conv that all of them share, so the fused model has the
+    plain model's modules and parameter count.  A fused bias that the
+    vanilla layer lacks is folded into the BatchNorm consuming the conv's
+    output (by name, else by tracing the data flow of one forward pass: see
+    the module docstring), into each BN once; a shared conv loses its bias
+    only when every name that reaches it has its BN (e.g. one BN per FPN
+    level, each absorbing the bias).  Where no BN is found the conv keeps
+    the bias and all its names are listed in :attr:`FuseReport.biased_convs`.
     Fusing uses BN running statistics, so the result equals the original in
     eval mode.  Idempotent: a fused model is returned unchanged.
 
@@ -320,27 +346,38 @@ def fuse_model_with_report(model: nn.Module, inplace: bool = False,
         conv = model.fuse()
         return FuseReport(conv, [''] if conv.bias is not None and model.bias is None else [])
     if not inplace:
-        model = copy.deepcopy(model)
-    layers = _reparam_children(model)
-    fused = {qual: layer.fuse() for qual, _, _, layer in layers}
-    needs_norm = {qual for qual, _, _, layer in layers if fused[qual].bias is not None and layer.bias is None}
-    norms: Dict[str, Optional[NormSlice]] = {}
-    for qual, parent, name, _ in layers:
-        norm = _following_norm(parent, name) if qual in needs_norm else None
-        norms[qual] = (norm, 0) if norm is not None else None
-    missing = {qual: layer for qual, _, _, layer in layers if qual in needs_norm and norms[qual] is None}
+        model = copy.deepcopy(model)  # keeps sharing: a shared layer is copied once
+    # Every layer once (first-seen order), with all the edges that reach it.
+    edges: Dict[int, List[Tuple[str, nn.Module, str, ReparamConv2d]]] = {}
+    for edge in _reparam_children(model):
+        edges.setdefault(id(edge[3]), []).append(edge)
+    fused = {key: uses[0][3].fuse() for key, uses in edges.items()}
+    needs_norm = [key for key, uses in edges.items() if fused[key].bias is not None and uses[0][3].bias is None]
+    norms: Dict[int, Optional[List[NormSlice]]] = {key: _norms_by_name(edges[key]) for key in needs_norm}
+    missing = {edges[key][0][0]: edges[key][0][3] for key in needs_norm if norms[key] is None}
     if missing:
-        norms.update(_trace_or_warn(model, missing, example_input))
+        traced = _trace_or_warn(model, missing, example_input)
+        for key in needs_norm:
+            if norms[key] is None and edges[key][0][0] in traced:
+                norms[key] = [traced[edges[key][0][0]]]
+    # BN channels that two different convs would feed absorb neither bias (they would take the sum).
+    claims: Dict[Tuple[int, int], int] = {}
+    for key in needs_norm:
+        for norm, offset in norms[key] or []:
+            claims[id(norm), offset] = claims.get((id(norm), offset), 0) + 1
+    for key in needs_norm:
+        if any(claims[id(norm), offset] > 1 for norm, offset in norms[key] or []):
+            norms[key] = None
     biased = []
-    for qual, parent, name, _ in layers:
-        conv = fused[qual]
-        if qual in needs_norm:
-            plain = _absorb_bias(conv, norms.get(qual))
-            if plain is None:
-                biased.append(qual)
-            else:
-                conv = plain
-        setattr(parent, name, conv)
+    for key in needs_norm:
+        plain = _absorb_bias(fused[key], norms[key])
+        if plain is None:
+            biased.extend(qual for qual, _, _, _ in edges[key])
+        else:
+            fused[key] = plain
+    for key, uses in edges.items():
+        for _, parent, name, _ in uses:
+            setattr(parent, name, fused[key])
     return FuseReport(model, biased)
 
 
@@ -359,7 +396,8 @@ def _trace_or_warn(model: nn.Module, convs: Dict[str, nn.Module],
 
 
 def fuse_model(model: nn.Module, inplace: bool = False, example_input: Optional[Tensor] = None) -> nn.Module:
-    """:func:`fuse_model_with_report`'s fused model.
+    """:func:`fuse_model_with_report`'s fused model; logs a warning (mmengine's
+    current logger) naming the convs that keep a bias.
 
     The result has exactly the ``state_dict`` keys and shapes of the same
     model built with ``conv_cfg=None`` wherever a BatchNorm follows each
@@ -372,4 +410,9 @@ def fuse_model(model: nn.Module, inplace: bool = False, example_input: Optional[
         example_input: input for the data-flow trace (see
             :func:`fuse_model_with_report`).
     """
-    return fuse_model_with_report(model, inplace, example_input).model
+    report = fuse_model_with_report(model, inplace, example_input)
+    if report.biased_convs:
+        print_log(f'fuse_model: {len(report.biased_convs)} fused conv(s) keep a bias because no BatchNorm follows '
+                  f'them to absorb it; a vanilla model loads these weights only where they are built with '
+                  f'bias=True: {", ".join(report.biased_convs)}', logger='current', level=logging.WARNING)
+    return report.model

@@ -4,6 +4,7 @@ not tell; where no BN exclusively consumes it the conv keeps its bias and is
 reported, and the fused model stays equivalent."""
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import List
 
@@ -11,10 +12,11 @@ import pytest
 import torch
 import torch.nn as nn
 from mmcv.cnn import ConvModule
+from mmengine.logging import MMLogger
 
 from numerics import _one_thread  # noqa: F401 - autouse fixture: tiny tensors, one intra-op thread
 from orepa_mm import FuseReport, fuse_model, fuse_model_with_report
-from orepa_mm.layers import DBBConv2d
+from orepa_mm.layers import DBBConv2d, OREPAConv2d
 
 # The library itself: run on the oldest supported torch too (the compatibility job).
 pytestmark = pytest.mark.core
@@ -170,3 +172,70 @@ def test_single_layer_report() -> None:
         warnings.simplefilter('error')
         report = fuse_model_with_report(layer)
     assert isinstance(report.model, nn.Conv2d) and report.biased_convs == ['']
+
+
+# -- modules reached under several names ----------------------------------------------
+def _pair_of_names(conv: nn.Module, norm: nn.Module = None) -> nn.Module:
+    """A module that reaches ``conv`` (and ``norm``) as ``a`` and as ``b``."""
+    model = nn.Module()
+    model.a = conv if norm is None else nn.Sequential(conv, norm)
+    model.b = conv if norm is None else nn.Sequential(conv, norm)
+    model.forward = lambda x: model.a(x) + 2 * model.b(x)
+    return model
+
+
+@pytest.mark.parametrize('layer', [OREPAConv2d(4, 4, 3, padding=1), _dbb(4, 4)], ids=['OREPA', 'DBB'])
+def test_a_layer_reached_under_two_names_is_fused_once(layer: nn.Module) -> None:
+    fused = fuse_model(_pair_of_names(layer))
+    assert type(fused.a) is nn.Conv2d and fused.a is fused.b
+    assert sum(p.numel() for p in fused.parameters()) == fused.a.weight.numel() + fused.a.bias.numel()
+
+
+def test_a_shared_conv_and_bn_pair_folds_the_bias_once() -> None:
+    conv, norm = _dbb(4, 4).double(), nn.BatchNorm2d(4).double()
+    model = _pair_of_names(conv, norm)
+    _randomise(model)
+    x = torch.randn(2, 4, 10, 10, dtype=torch.float64)
+    mean_before = norm.running_mean.clone()
+    bias = conv.fuse().bias.detach()
+    with torch.no_grad():
+        expected = model(x)
+    fused = fuse_model(model)
+    assert fused.a[0] is fused.b[0] and fused.a[0].bias is None and fused.a[1] is fused.b[1]
+    assert torch.allclose(fused.a[1].running_mean, mean_before - bias, rtol=0, atol=1e-12)
+    fused.forward = lambda x: fused.a(x) + 2 * fused.b(x)
+    with torch.no_grad():
+        got = fused(x)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-10
+
+
+def test_a_bn_fed_by_two_convs_absorbs_neither_bias() -> None:
+    norm = nn.BatchNorm2d(4)
+    model = nn.Module()
+    model.a, model.b = nn.Sequential(_dbb(4, 4), norm), nn.Sequential(_dbb(4, 4), norm)
+    model.forward = lambda x: model.a(x) - model.b(x)
+    _randomise(model)
+    x = torch.randn(2, 4, 10, 10)
+    with torch.no_grad():
+        expected = model(x)
+    report = fuse_model_with_report(model)
+    assert report.biased_convs == ['a.0', 'b.0']
+    report.model.forward = lambda x: report.model.a(x) - report.model.b(x)
+    with torch.no_grad():
+        got = report.model(x)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+
+
+def test_fuse_model_logs_the_convs_left_with_a_bias() -> None:
+    logger = MMLogger.get_current_instance()
+    records: List[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        fuse_model(_Consumers())
+    finally:
+        logger.removeHandler(handler)
+    messages = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert len(messages) == 1 and 'keep a bias' in messages[0], messages
+    assert all(name in messages[0] for name in ('branch', 'plain', 'shared'))

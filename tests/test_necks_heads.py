@@ -196,3 +196,43 @@ def test_retina_head_convs_shared_by_five_levels_get_the_summed_gradient():
     with torch.no_grad():
         fused = orepa_mm.fuse_model(module)
         assert _max_rel_gap(module(*inputs), fused(*inputs)) <= TOL
+
+
+@pytest.mark.parametrize('kind', ['OREPA', 'DBB'])
+def test_retina_sep_bn_head_fuses_its_shared_convs_once(kind: str):
+    """RetinaSepBNHead shares each stacked conv across the FPN levels (one BN
+    per level): fused, each stays one conv shared by every level, the head
+    has exactly the plain head's parameters, and a DBB bias goes into each
+    level's BN once."""
+    cfg = dict(type='RetinaSepBNHead', num_classes=3, in_channels=16, feat_channels=16, stacked_convs=2, num_ins=5,
+               norm_cfg=BN)
+    torch.manual_seed(0)
+    module = _mmdet(dict(cfg, conv_cfg=dict(type=kind)))
+    assert module.cls_convs[1][0].conv is module.cls_convs[0][0].conv
+    inputs = (_feats(*LEVELS5), )
+    module.train()
+    _loss(module(*inputs)).backward()
+    torch.optim.SGD(module.parameters(), lr=0.05).step()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for bn in (m for m in module.modules() if isinstance(m, _BatchNorm)):
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.2)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+    module.eval()
+    report = orepa_mm.fuse_model_with_report(module)
+    fused = report.model
+    assert report.biased_convs == [] and orepa_mm.count_reparam_layers(fused) == 0
+    plain = _mmdet(dict(cfg, conv_cfg=None))
+    for branch in ('cls_convs', 'reg_convs'):
+        for j in range(cfg['stacked_convs']):
+            convs = [getattr(fused, branch)[i][j].conv for i in range(cfg['num_ins'])]
+            assert all(c is convs[0] for c in convs), f'{branch}[*][{j}] is no longer one shared conv'
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(fused) == count(plain)
+    assert len({id(m) for m in fused.modules()}) == len({id(m) for m in plain.modules()})
+    plain.load_state_dict(fused.state_dict(), strict=True)
+    plain.eval()
+    with torch.no_grad():
+        ref = module(*inputs)
+        assert _max_rel_gap(ref, fused(*inputs)) <= TOL
+        assert _max_rel_gap(ref, plain(*inputs)) <= TOL
