@@ -13,7 +13,6 @@ rounding amplified by depth.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Dict, List, Set, Tuple
 
 import pytest
@@ -22,6 +21,7 @@ import torch.nn as nn
 from mmengine.registry import DefaultScope
 
 import orepa_mm
+from framework_registry import discover, registries
 from numerics import _one_thread  # noqa: F401 - autouse fixture: tiny tensors, one intra-op thread
 from orepa_mm.layers import DBBConv2d, OREPAConv2d
 
@@ -114,37 +114,13 @@ UNSUPPORTED: Dict[str, str] = {
 
 
 def _registries() -> Dict[str, Any]:
-    import mmdet.models  # noqa: F401 - registers the backbones
-    import mmseg.models  # noqa: F401
-    from mmdet.registry import MODELS as MMDET_MODELS
-    from mmseg.registry import MODELS as MMSEG_MODELS
-    return {'mmdet': MMDET_MODELS, 'mmseg': MMSEG_MODELS}
-
-
-def _takes_conv_cfg(cls: type) -> bool:
-    """Whether ``cls(conv_cfg=...)`` reaches a constructor with a ``conv_cfg``
-    argument (directly, or through ``**kwargs`` passed up the MRO)."""
-    for klass in cls.__mro__:
-        if '__init__' not in vars(klass):
-            continue
-        params = inspect.signature(klass.__init__).parameters
-        if 'conv_cfg' in params:
-            return True
-        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            return False
-    return False
+    return registries()
 
 
 def discovered_backbones() -> Set[str]:
     """``'<scope>.<name>'`` of every class in the frameworks' backbone modules
     registered in their ``MODELS`` that takes ``conv_cfg``."""
-    found = set()
-    for scope, registry in _registries().items():
-        for name, cls in registry.module_dict.items():
-            if isinstance(cls, type) and cls.__module__.startswith(f'{scope}.models.backbones') \
-                    and _takes_conv_cfg(cls):
-                found.add(f'{scope}.{name}')
-    return found
+    return discover(['backbones'])
 
 
 def test_sweep_covers_every_conv_cfg_backbone() -> None:
