@@ -5,10 +5,11 @@ packages whose constructor takes ``conv_cfg`` is built tiny with
 ``conv_cfg=dict(type='OREPA')``: it either builds OREPA layers, or builds
 none (the argument has no effect: :data:`NO_EFFECT`, listed in the README),
 or fails to build with it (:data:`REFUSES`, also in the README).  A class
-that the sweep cannot build is listed in :data:`NOT_SWEPT` with the reason.  A framework version that adds a class, removes one, or starts or
-stops passing ``conv_cfg`` on fails a test here, so the README's list stays
-true.  (Training and fusing the heads that use OREPA is
-``test_necks_heads.py``'s job; this sweep only builds.)
+that the sweep cannot build is listed in :data:`NOT_SWEPT` with the reason.
+A framework version that adds a class, removes one, or starts or stops
+passing ``conv_cfg`` on fails a test here, so the README's lists stay true.
+(Training and fusing the heads that use OREPA is ``test_necks_heads.py``'s
+job; this sweep only builds.)
 """
 from __future__ import annotations
 
