@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import orepa_mm
-from orepa_mm.layers import OREPAConv2d
+from orepa_mm.layers import OREPAConv2d, batched_generation, set_generation_capture
 
 # The benchmark's operator counter: the figure the README reports.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tools' / 'analysis_tools'))
@@ -51,6 +51,17 @@ def per_layer(monkeypatch) -> Callable[[], None]:
             return F.conv2d(x, self.branches(), self.bias, self.stride, padding, self.dilation, self.groups)
         monkeypatch.setattr(OREPAConv2d, 'forward', forward)
     return switch
+
+
+@pytest.fixture(params=['off', 'simulate'])
+def capture(request) -> str:
+    """Run the test with eager generation and with replayed generation
+    (``'simulate'``: the fixed buffers of a CUDA graph, computed eagerly)."""
+    batched_generation._GROUPS.clear()
+    set_generation_capture(request.param)
+    yield request.param
+    set_generation_capture('off')
+    batched_generation._GROUPS.clear()
 
 
 def resnet(depth: int = 18, dtype=torch.float64, seed: int = 0, **kwargs) -> nn.Module:
@@ -113,7 +124,7 @@ def ops_per_step(model: nn.Module, size: int) -> int:
 
 
 # -- exactness of the training step ---------------------------------------------------
-def test_resnet_step_matches_per_layer_definition(per_layer):
+def test_resnet_step_matches_per_layer_definition(per_layer, capture):
     x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
     (ref_out, ref), (out, got) = run_both(lambda: resnet(50), lambda m: loss_of(m(x)).backward() or m(x),
                                           per_layer)
@@ -121,7 +132,7 @@ def test_resnet_step_matches_per_layer_definition(per_layer):
     assert len(got) == len(list(resnet(50).parameters()))
 
 
-def test_steps_with_an_optimizer_stay_exact(per_layer):
+def test_steps_with_an_optimizer_stay_exact(per_layer, capture):
     """Several optimizer steps: the packed parameters are updated in place
     and every step regenerates from the new values."""
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
@@ -157,7 +168,7 @@ def test_optimizer_sees_ordinary_per_layer_parameters():
     assert torch.equal(other.branches.weight_origin, kept)
 
 
-def test_gradient_accumulation(per_layer):
+def test_gradient_accumulation(per_layer, capture):
     x1, x2 = (torch.randn(2, 3, 32, 32, dtype=torch.float64) for _ in range(2))
 
     def accumulate(model: nn.Module) -> None:
@@ -167,7 +178,7 @@ def test_gradient_accumulation(per_layer):
     assert_same_grads(ref, got, REL[torch.float64])
 
 
-def test_two_forwards_then_one_backward(per_layer):
+def test_two_forwards_then_one_backward(per_layer, capture):
     x1, x2 = (torch.randn(2, 3, 32, 32, dtype=torch.float64) for _ in range(2))
     (_, ref), (_, got) = run_both(resnet, lambda m: (loss_of(m(x1)) + 2 * loss_of(m(x2))).backward(), per_layer)
     assert_same_grads(ref, got, REL[torch.float64])
@@ -194,14 +205,14 @@ class SharedHead(nn.Module):
         return outs
 
 
-def test_conv_shared_across_levels_and_unreached_layer(per_layer):
+def test_conv_shared_across_levels_and_unreached_layer(per_layer, capture):
     levels = [torch.randn(2, 6, s, s, dtype=torch.float64) for s in (16, 8, 4, 2, 1)]
     (_, ref), (_, got) = run_both(lambda: SharedHead().double(), lambda m: loss_of(m(levels)).backward(), per_layer)
     assert_same_grads(ref, got, REL[torch.float64])
     assert not any(k.startswith('unused.') for k in got), 'a layer not reached got gradients'
 
 
-def test_frozen_stages_and_partly_frozen_layers(per_layer):
+def test_frozen_stages_and_partly_frozen_layers(per_layer, capture):
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
 
     def build() -> nn.Module:
@@ -215,7 +226,7 @@ def test_frozen_stages_and_partly_frozen_layers(per_layer):
 
 
 @pytest.mark.parametrize('reentrant', [True, False])
-def test_with_cp(per_layer, monkeypatch, reentrant):
+def test_with_cp(per_layer, monkeypatch, reentrant, capture):
     import torch.utils.checkpoint as cp
     original = cp.checkpoint
     monkeypatch.setattr(cp, 'checkpoint', lambda fn, *a, **kw: original(fn, *a, use_reentrant=reentrant))
@@ -224,7 +235,7 @@ def test_with_cp(per_layer, monkeypatch, reentrant):
     assert_same_grads(ref, got, REL[torch.float64])
 
 
-def test_two_models_in_one_process(per_layer):
+def test_two_models_in_one_process(per_layer, capture):
     """A student with an EMA copy (frozen) and a teacher (no grad), and two
     models trained together: each gets exactly its own gradients."""
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
@@ -257,7 +268,7 @@ def small_net(dtype=torch.float64) -> nn.Module:
     return net.train()
 
 
-def test_nothing_of_a_dropped_model_stays_alive():
+def test_nothing_of_a_dropped_model_stays_alive(capture):
     """A generation whose kernels not every member took (here the second conv
     skips a forward) must not keep itself, its virtual generator and the
     packed parameters alive through the autograd graph once the model is gone."""
@@ -276,7 +287,7 @@ def test_nothing_of_a_dropped_model_stays_alive():
     assert generation() is None
 
 
-def test_bf16_autocast_on_cpu(per_layer):
+def test_bf16_autocast_on_cpu(per_layer, capture):
     x = torch.randn(4, 3, 16, 16)
 
     def step(model: nn.Module) -> torch.Tensor:
@@ -296,7 +307,7 @@ def test_bf16_autocast_on_cpu(per_layer):
 
 @needs_cpu_float16
 @pytest.mark.skipif(not hasattr(torch.amp, 'GradScaler'), reason='a CPU GradScaler needs torch >= 2.3')
-def test_fp16_autocast_with_grad_scaler(per_layer):
+def test_fp16_autocast_with_grad_scaler(per_layer, capture):
     """fp16 autocast and a GradScaler (what AmpOptimWrapper does on CUDA; here on CPU)."""
     x = torch.randn(4, 3, 16, 16)
 
@@ -326,7 +337,7 @@ def test_kernels_are_generated_in_float32_under_autocast():
         assert rel(m.branches.reference_kernel().detach(), k.detach()) <= 1e-6
 
 
-def test_fuse_and_eval_after_training_steps():
+def test_fuse_and_eval_after_training_steps(capture):
     model = resnet()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
@@ -341,7 +352,7 @@ def test_fuse_and_eval_after_training_steps():
             assert rel(a, b) <= REL[torch.float64]
 
 
-def test_dtype_change_between_steps(per_layer):
+def test_dtype_change_between_steps(per_layer, capture):
     """``.float()`` after packing: the next step packs again in the new dtype."""
     x = torch.randn(2, 3, 32, 32)
 
@@ -367,6 +378,51 @@ def test_torch_compile_matches_eager():
     loss_of(out).backward()
     assert rel(eager_out, out) <= 1e-9
     assert_same_grads(eager, grads(model), 1e-9)
+
+
+# -- replayed generation ------------------------------------------------------------------
+def test_replayed_steps_with_accumulation_match_per_layer(per_layer, capture):
+    """Several optimizer steps of two accumulated micro-batches each: every
+    generation after the first replays into the same fixed buffers."""
+    xs = [torch.randn(2, 3, 32, 32, dtype=torch.float64) for _ in range(2)]
+
+    def steps(model: nn.Module) -> torch.Tensor:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        for _ in range(3):
+            for x in xs:
+                loss_of(model(x)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+        for x in xs:
+            loss_of(model(x)).backward()
+        return model(xs[0])[-1]
+    (ref_out, ref), (out, got) = run_both(resnet, steps, per_layer)
+    assert rel(ref_out, out) <= REL[torch.float64]
+    assert_same_grads(ref, got, REL[torch.float64])
+
+
+def test_replay_never_overwrites_kernels_that_a_pending_backward_needs(per_layer, capture):
+    """Two forwards, then one backward, on a ResNet-50 (1x1 blocks): a 1x1
+    conv keeps only its input, so its kernel is gone before the second
+    forward, which generates again while the first generation's backward is
+    pending; that backward takes the kernels from the first generation.  A
+    replay for the second forward would overwrite them in the fixed buffer."""
+    x1, x2 = (torch.randn(2, 3, 32, 32, dtype=torch.float64) for _ in range(2))
+
+    def step(model: nn.Module) -> None:
+        for _ in range(2):  # the first step records (simulate), the second replays
+            model.zero_grad(set_to_none=True)
+            (loss_of(model(x1)) + 2 * loss_of(model(x2))).backward()
+    (_, ref), (_, got) = run_both(lambda: resnet(50), step, per_layer)
+    assert_same_grads(ref, got, REL[torch.float64])
+    if capture == 'simulate':
+        assert any(g.captured is not None and g.captured.generation is not None
+                   for g in batched_generation._GROUPS.values()), 'nothing was replayed'
+
+
+def test_capture_mode_is_checked() -> None:
+    with pytest.raises(ValueError, match='choose one of'):
+        set_generation_capture('graphs')
 
 
 # -- the operator count -----------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Re-parameterizable conv layers, one module per family."""
 from .base import ConstantBuffers, ReparamConv2d
 from .dbb import DBBConv2d, dbb_conv
+from .generation_capture import set_generation_capture
 from .orepa import (
     LARGE_KERNEL_THRESHOLD,
     KernelGenerator,
@@ -14,4 +15,4 @@ from .orepa import (
 
 __all__ = ['ReparamConv2d', 'ConstantBuffers', 'OREPAConv2d', 'DBBConv2d', 'dbb_conv', 'KernelGenerator',
            'OREPA1x1Branches', 'OREPAKxKBranches', 'OREPAStackedBranches', 'LARGE_KERNEL_THRESHOLD', 'branch_kind',
-           'build_branches']
+           'build_branches', 'set_generation_capture']

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import compat
+from .generation_capture import CapturedGeneration, generation_capture
 
 __all__ = ['training_conv', 'training_kernel', 'group_kernel', 'batchable']
 
@@ -89,6 +90,9 @@ class _Generation:
         self.pending = True  # until its backward has run
         self.virtual: Optional[nn.Module] = None  # set by the forward of its autograd node
         self.regenerated: Optional[Tuple[Tensor, ...]] = None
+        # The kernels' fixed buffer when they come from a recording: valid
+        # until the group's backward has run (no replay happens before).
+        self.replayed: Optional[Tuple[Tensor, ...]] = None
 
     def backward_kernel(self, i: int) -> Tensor:
         """Member ``i``'s kernel for its conv's backward: the forward's if it
@@ -97,6 +101,8 @@ class _Generation:
         kernel = self.weak[i]()
         if kernel is not None:
             return kernel
+        if self.replayed is not None:
+            return self.replayed[i]
         if self.regenerated is None:
             with torch.no_grad():
                 self.regenerated = self.virtual.generate().chunk(len(self.weak))
@@ -152,6 +158,10 @@ class _Group:
         self.buffers: Dict[str, Tensor] = {}
         self.pointers: List[tuple] = []
         self.generation: Optional[_Generation] = None
+        # The recording of this packing's generation (generation_capture), and
+        # the last generation whose kernels live in its fixed buffer.
+        self.captured: Optional[CapturedGeneration] = None
+        self.replayed_by: Optional['weakref.ref[_Generation]'] = None
 
     # -- membership and packing ------------------------------------------------
     def _next_members(self, generator: nn.Module) -> List[nn.Module]:
@@ -181,6 +191,7 @@ class _Group:
                         for name, buf in members[0].named_buffers(recurse=False)}
         self.members = [weakref.ref(m) for m in members]
         self.pointers = [tuple(p.data_ptr() for p in m.parameters(recurse=False)) for m in members]
+        self.captured = self.replayed_by = None  # a recording reads the old storage
 
     def _virtual(self, members: Sequence[nn.Module]) -> nn.Module:
         """A generator of the members' type whose parameters are the packed tensors."""
@@ -203,6 +214,25 @@ class _Group:
             virtual.__dict__[name] = value
         virtual.__dict__.update(self.buffers)
         return virtual
+
+    def capture_for(self, virtual: nn.Module, generation: _Generation) -> Optional[CapturedGeneration]:
+        """The recording to generate ``generation`` from, or None (eager).
+
+        Eager when capture is off for the device, and whenever an earlier
+        generation whose kernels live in the recording's fixed buffer is
+        still pending: a replay would overwrite kernels that its backward
+        still needs (a generation replaced while pending, e.g. when
+        parameters change between a forward and its backward)."""
+        backend = generation_capture(virtual.weight_origin.device)
+        if backend is None:
+            return None
+        previous = self.replayed_by() if self.replayed_by is not None else None
+        if previous is not None and previous.pending:
+            return None
+        if self.captured is None or self.captured.backend != backend:
+            self.captured = CapturedGeneration(backend)
+        self.replayed_by = weakref.ref(generation)
+        return self.captured
 
     # -- generation --------------------------------------------------------------
     def kernel(self, generator: nn.Module) -> Tuple[Tensor, _Generation, int]:
@@ -243,7 +273,13 @@ class _GroupGenerate(torch.autograd.Function):
         ctx.names = [name for name, _ in members[0].named_parameters(recurse=False)]
         ctx.n = len(members)
         ctx.shapes = [tuple(p.shape) for p in params[:len(ctx.names)]]
-        stacked = virtual.generate()  # (n * out, in_g, k, k)
+        ctx.captured = group.capture_for(virtual, generation)
+        if ctx.captured is None:
+            stacked = virtual.generate()  # (n * out, in_g, k, k)
+        else:
+            stacked = ctx.captured.generate(virtual)
+            if ctx.captured.generation is not None:  # the fixed buffer: valid until this generation's backward
+                generation.replayed = stacked.chunk(ctx.n)
         return tuple(stacked.chunk(ctx.n))
 
     @staticmethod
@@ -254,7 +290,7 @@ class _GroupGenerate(torch.autograd.Function):
         if generation is not None:
             generation.pending = False  # the next forward generates again
             # Nothing of the group outlives its step.
-            generation.kernels = generation.regenerated = generation.virtual = None
+            generation.kernels = generation.regenerated = generation.virtual = generation.replayed = None
         needed = ctx.needs_input_grad[3:]
         result: List[Optional[Tensor]] = [None] * len(needed)
         reached = [g is not None for g in grad_kernels]
@@ -263,7 +299,10 @@ class _GroupGenerate(torch.autograd.Function):
         first = next(g for g in grad_kernels if g is not None)
         dtype = ctx.virtual.weight_origin.dtype
         grad = torch.cat([g if g is not None else torch.zeros_like(first) for g in grad_kernels]).to(dtype)
-        grads = ctx.virtual.kernel_backward(grad)
+        if ctx.captured is None:
+            grads = ctx.virtual.kernel_backward(grad)
+        else:
+            grads = ctx.captured.kernel_backward(ctx.virtual, grad)
         per_name = len(names)
         for j, name in enumerate(names):
             if not any(needed[i * per_name + j] for i in range(n)):
