@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / 'tools'
@@ -69,6 +70,30 @@ def _default_scope_as_at_start(_session_default_scopes: dict) -> Iterator[None]:
     reset()
     yield
     reset()
+
+
+#: The devices a test that takes the ``device`` fixture runs on: the CPU
+#: always, CUDA wherever a CUDA device is present (the GPU check).
+DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason='no CUDA device'))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> Iterator[torch.device]:
+    """The device under test.  On CUDA, tensors and modules are created there
+    by default while the test runs, and TF32 is off (the tests compare float32
+    results to 1e-5)."""
+    if request.param == 'cpu':
+        yield torch.device('cpu')
+        return
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.set_default_device('cuda')
+    try:
+        yield torch.device('cuda', torch.cuda.current_device())
+    finally:
+        torch.set_default_device('cpu')
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 @pytest.fixture(scope='session')

@@ -34,8 +34,10 @@ def _cpu_float16_kernels() -> bool:
     return True
 
 
+#: Whether this torch computes float16 bmm/conv2d on the CPU.
+CPU_FLOAT16 = _cpu_float16_kernels()
 #: Marks a float16 case on the CPU: run where this torch can compute in float16 there.
-needs_cpu_float16 = pytest.mark.skipif(not _cpu_float16_kernels(),
+needs_cpu_float16 = pytest.mark.skipif(not CPU_FLOAT16,
                                        reason=f'torch {torch.__version__} has no float16 bmm/conv2d on the CPU')
 
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tools' / 'analysis
 from benchmark_lib import counters  # noqa: E402
 
 from conftest import REPORT  # noqa: E402
-from numerics import needs_cpu_float16  # noqa: E402
+from numerics import CPU_FLOAT16  # noqa: E402
 from slim_resnet import SlimResNet  # noqa: E402
 
 # The library itself: run on the oldest supported torch too (the compatibility job).
@@ -53,13 +53,15 @@ def per_layer(monkeypatch) -> Callable[[], None]:
     return switch
 
 
-@pytest.fixture(params=['off', 'simulate'])
-def capture(request) -> str:
-    """Run the test with eager generation and with replayed generation
-    (``'simulate'``: the fixed buffers of a CUDA graph, computed eagerly)."""
+@pytest.fixture(params=['eager', 'replay'])
+def capture(request, device) -> str:
+    """Run the test with eager generation and with replayed generation:
+    CUDA graphs on CUDA, elsewhere ``'simulate'`` (the fixed buffers of a
+    CUDA graph, computed eagerly)."""
+    mode = 'off' if request.param == 'eager' else 'cuda' if device.type == 'cuda' else 'simulate'
     batched_generation._GROUPS.clear()
-    set_generation_capture(request.param)
-    yield request.param
+    set_generation_capture(mode)
+    yield mode
     set_generation_capture('off')
     batched_generation._GROUPS.clear()
 
@@ -150,7 +152,7 @@ def test_steps_with_an_optimizer_stay_exact(per_layer, capture):
     assert_same_grads(ref, got, REL[torch.float64])
 
 
-def test_optimizer_sees_ordinary_per_layer_parameters():
+def test_optimizer_sees_ordinary_per_layer_parameters(device):
     model = resnet()
     before = [(n, p, tuple(p.shape)) for n, p in model.named_parameters()]
     keys = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -287,11 +289,11 @@ def test_nothing_of_a_dropped_model_stays_alive(capture):
     assert generation() is None
 
 
-def test_bf16_autocast_on_cpu(per_layer, capture):
+def test_bf16_autocast(per_layer, capture, device):
     x = torch.randn(4, 3, 16, 16)
 
     def step(model: nn.Module) -> torch.Tensor:
-        with torch.autocast('cpu', dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             out = model(x)
         loss_of(out).backward()
         return out
@@ -305,16 +307,16 @@ def test_bf16_autocast_on_cpu(per_layer, capture):
     assert_same_grads(ref, got, 5e-2)
 
 
-@needs_cpu_float16
-@pytest.mark.skipif(not hasattr(torch.amp, 'GradScaler'), reason='a CPU GradScaler needs torch >= 2.3')
-def test_fp16_autocast_with_grad_scaler(per_layer, capture):
-    """fp16 autocast and a GradScaler (what AmpOptimWrapper does on CUDA; here on CPU)."""
+def test_fp16_autocast_with_grad_scaler(per_layer, capture, device):
+    """fp16 autocast and a GradScaler (what AmpOptimWrapper does on CUDA)."""
+    if device.type == 'cpu' and not (CPU_FLOAT16 and hasattr(torch.amp, 'GradScaler')):
+        pytest.skip(f'torch {torch.__version__} has no float16 CPU kernels or no CPU GradScaler')
     x = torch.randn(4, 3, 16, 16)
 
     def step(model: nn.Module) -> torch.Tensor:
-        scaler = torch.amp.GradScaler('cpu', init_scale=8.0)
+        scaler = torch.amp.GradScaler(device.type, init_scale=8.0)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        with torch.autocast('cpu', dtype=torch.float16):
+        with torch.autocast(device.type, dtype=torch.float16):
             out = model(x)
         scaler.scale(loss_of(out)).backward()
         scaler.unscale_(opt)
@@ -327,10 +329,10 @@ def test_fp16_autocast_with_grad_scaler(per_layer, capture):
     assert_same_grads(ref, got, 2e-2)
 
 
-def test_kernels_are_generated_in_float32_under_autocast():
+def test_kernels_are_generated_in_float32_under_autocast(device):
     from orepa_mm.layers.batched_generation import training_kernel
     net = small_net(torch.float32)
-    with torch.autocast('cpu', dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         kernels = [training_kernel(m.branches) for m in net if isinstance(m, OREPAConv2d)]
     assert all(k.dtype == torch.float32 and k.requires_grad for k in kernels)
     for m, k in zip((m for m in net if isinstance(m, OREPAConv2d)), kernels):
@@ -365,7 +367,7 @@ def test_dtype_change_between_steps(per_layer, capture):
     assert_same_grads(ref, got, REL[torch.float32])
 
 
-def test_torch_compile_matches_eager():
+def test_torch_compile_matches_eager(device):
     """``torch.compile`` of a model with OREPA layers (mmengine's ``compile=True``)."""
     model = small_net()
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
@@ -415,7 +417,7 @@ def test_replay_never_overwrites_kernels_that_a_pending_backward_needs(per_layer
             (loss_of(model(x1)) + 2 * loss_of(model(x2))).backward()
     (_, ref), (_, got) = run_both(lambda: resnet(50), step, per_layer)
     assert_same_grads(ref, got, REL[torch.float64])
-    if capture == 'simulate':
+    if capture != 'off':
         assert any(g.captured is not None and g.captured.generation is not None
                    for g in batched_generation._GROUPS.values()), 'nothing was replayed'
 

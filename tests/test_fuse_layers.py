@@ -141,7 +141,7 @@ def test_fuse_model_inplace_and_single_layer() -> None:
 
 @pytest.mark.parametrize('conv_cfg', [dict(type='OREPA'), dict(type='DBB'), dict(type='DBB', every_conv=True)],
                          ids=['OREPA', 'DBB', 'DBB-every-conv'])
-def test_resnet_trains_a_step_and_fuses(conv_cfg: dict) -> None:
+def test_resnet_trains_a_step_and_fuses(conv_cfg: dict, device: torch.device) -> None:
     """A ResNet of re-param layers takes an SGD step, gets non-trivial BN
     statistics, and fuses into plain convs that compute the same (float64)."""
     model = SlimResNet(depth=18, base_channels=8, conv_cfg=conv_cfg).double()

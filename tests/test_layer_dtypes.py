@@ -105,10 +105,10 @@ def test_built_under_float64_default_dtype(cls: type, k: int, default_dtype) -> 
                                    torch.bfloat16), ids=str)
 @pytest.mark.parametrize('k', KERNEL_SIZES)
 @pytest.mark.parametrize('cls', LAYER_CLASSES, ids=lambda c: c.__name__)
-def test_built_with_dtype_argument(cls: type, k: int, dtype: torch.dtype) -> None:
+def test_built_with_dtype_argument(cls: type, k: int, dtype: torch.dtype, device: torch.device) -> None:
     layer = build(cls, k, dtype=dtype)
-    check_constants(layer, dtype, torch.device('cpu'), f'{cls.__name__} k={k} dtype={dtype}')
-    check_trains_and_fuses(layer, dtype)
+    check_constants(layer, dtype, device, f'{cls.__name__} k={k} dtype={dtype}')
+    check_trains_and_fuses(layer, dtype, device)
 
 
 @pytest.mark.parametrize('k', KERNEL_SIZES)
@@ -135,11 +135,11 @@ CONVERSIONS = {
                                         for c, (_, dtype) in CONVERSIONS.items()])
 @pytest.mark.parametrize('k', KERNEL_SIZES)
 @pytest.mark.parametrize('cls', LAYER_CLASSES, ids=lambda c: c.__name__)
-def test_converted_after_construction(cls: type, k: int, conversion: str) -> None:
+def test_converted_after_construction(cls: type, k: int, conversion: str, device: torch.device) -> None:
     convert, dtype = CONVERSIONS[conversion]
     layer = convert(build(cls, k))
-    check_constants(layer, dtype, torch.device('cpu'), f'{cls.__name__} k={k} {conversion}')
-    check_trains_and_fuses(layer, dtype)
+    check_constants(layer, dtype, device, f'{cls.__name__} k={k} {conversion}')
+    check_trains_and_fuses(layer, dtype, device)
 
 
 @pytest.mark.parametrize('cls', LAYER_CLASSES, ids=lambda c: c.__name__)
@@ -157,7 +157,8 @@ def test_constants_are_exact_after_double(cls: type) -> None:
 
 
 # -- forward, backward and fuse in the layer's dtype ---------------------------------
-def check_trains_and_fuses(layer: ReparamConv2d, dtype: torch.dtype) -> None:
+def check_trains_and_fuses(layer: ReparamConv2d, dtype: torch.dtype,
+                           device: torch.device = torch.device('cpu')) -> None:
     """A training step's forward and backward run in ``dtype`` (finite
     gradients of the parameters' dtype); in eval mode, with a BN after the
     layer holding non-trivial statistics, the unfused and the fused model
@@ -182,7 +183,7 @@ def check_trains_and_fuses(layer: ReparamConv2d, dtype: torch.dtype) -> None:
             branches.branch_scales.div_(branches().abs().max())
     reference = settle_bn_(nn.Sequential(layer64, nn.BatchNorm2d(layer.out_channels, dtype=torch.float64)), 4, (9, 8))
     model = copy.deepcopy(reference).to(dtype)
-    check_constants(model[0], dtype, torch.device('cpu'), f'{what} (after .to)')
+    check_constants(model[0], dtype, device, f'{what} (after .to)')
     with torch.no_grad():
         ref = reference(x)
         unfused = model(x.to(dtype))
