@@ -2,7 +2,7 @@
 # first (idempotent, fast when already done).
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-compat lint benchmark
+.PHONY: setup demo test test-compat lint benchmark gpu-wheels gpu-check
 setup:
 	bash scripts/setup.sh
 
@@ -23,3 +23,15 @@ lint: setup
 
 benchmark: setup
 	$(PY) tools/analysis_tools/benchmark.py
+
+# The GPU check (tools/analysis_tools/gpu_check.sh): tests with their CUDA cases and the
+# detector benchmark, summarised in $(OUT)/gpu_check.{json,md}.  Run on the GPU machine with
+# a CUDA torch and torchvision; `make gpu-wheels` (on a machine with registry access) fetches
+# the pure-Python wheels it installs there into .whl/.
+OUT ?= gpu_check
+GPU_PYTHON ?= python3
+gpu-wheels:
+	bash scripts/gpu_wheels.sh
+
+gpu-check:
+	PYTHON=$(GPU_PYTHON) bash tools/analysis_tools/gpu_check.sh $(OUT)

@@ -23,6 +23,10 @@ For every workload (``--workloads``, alias ``--models``; see
 * evaluation forward time (no_grad, eval mode) of the unfused model and of
   the model after :func:`orepa_mm.fuse_model`.
 
+``--amp`` (with ``--amp-dtype float16|bfloat16``) trains under autocast, as
+mmengine's ``AmpOptimWrapper`` does; ``--capture cuda`` replays the batched
+kernel generation from CUDA graphs (:func:`orepa_mm.set_generation_capture`).
+
 Each figure is also given as a ratio to the first variant (``plain`` by
 default).  Results go to ``<out-dir>/benchmark_<workloads>_<batch>x<h>x<w>``
 ``.json`` (with metadata: versions, device, threads, command line, date),
@@ -64,6 +68,7 @@ from benchmark_lib.measure import OPTIMIZER, RunSettings, measure_workload, prof
 from benchmark_lib.workloads import DEFAULT_VARIANTS, VARIANTS, WORKLOADS, make_workload  # noqa: E402
 
 from orepa_mm.cli import EXIT_STATUS_HELP, ToolError, get_logger, log, tool_main  # noqa: E402
+from orepa_mm.layers.generation_capture import CAPTURE_MODES, set_generation_capture  # noqa: E402
 
 PROG = 'benchmark'
 
@@ -88,6 +93,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--device', choices=['cpu', 'cuda'], default=None,
                         help='None: cuda when available, else cpu')
     parser.add_argument('--amp', action='store_true', help='torch.autocast: bfloat16 on CPU, float16 on CUDA')
+    parser.add_argument('--amp-dtype', choices=['float16', 'bfloat16'], default=None,
+                        help='the autocast dtype with --amp (float16 steps with a GradScaler)')
+    parser.add_argument('--capture', choices=list(CAPTURE_MODES), default='off',
+                        help='replay the batched kernel generation from recordings: cuda (CUDA graphs), '
+                             'simulate (their fixed buffers, eagerly) or off (eager generation)')
     parser.add_argument('--threads', type=int, default=None,
                         help="torch.set_num_threads (None: torch's choice); 1 is far less sensitive to other "
                         'work on a shared CPU')
@@ -108,6 +118,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if min(args.rounds, args.iters, args.batch_size, args.profile_steps, *args.input_size) < 1 or args.warmup < 0:
         parser.error('--rounds, --iters, --batch-size, --input-size and --profile-steps must be >= 1, '
                      '--warmup >= 0')
+    if args.amp_dtype and not args.amp:
+        parser.error('--amp-dtype needs --amp')
     if 'pspnet' in args.workloads and args.batch_size < 2:
         parser.error('pspnet needs --batch-size >= 2: its pyramid pooling has a 1x1 bin followed by BN, '
                      'which cannot train on one value per channel')
@@ -121,7 +133,9 @@ def output_stem(args: argparse.Namespace, device: torch.device) -> str:
     if device.type == 'cuda':
         stem += '_cuda'
     if args.amp:
-        stem += '_amp'
+        stem += f'_amp-{args.amp_dtype}' if args.amp_dtype else '_amp'
+    if args.capture != 'off':
+        stem += f'_capture-{args.capture}'
     return stem
 
 
@@ -145,10 +159,10 @@ def run_benchmark(args: argparse.Namespace, settings: RunSettings, device: torch
                   stem: str) -> Dict[str, Any]:
     """Measure every workload, write the reports, print the table; return the report."""
     start = time.perf_counter()
-    report: Dict[str, Any] = dict(metadata=rep.metadata(device, args.amp), config=dict(
+    report: Dict[str, Any] = dict(metadata=rep.metadata(device, args.amp, args.amp_dtype), config=dict(
         models=args.workloads, variants=args.variants, batch_size=args.batch_size, input_size=args.input_size,
         rounds=args.rounds, warmup=args.warmup, iters=args.iters, amp=args.amp, seed=args.seed, lr=args.lr,
-        optimizer=OPTIMIZER), results={})
+        capture=args.capture, optimizer=OPTIMIZER), results={})
     for name in args.workloads:
         workload = make_workload(name, args.batch_size, tuple(args.input_size), device, args.seed)
         results = measure_workload(workload, settings)
@@ -175,6 +189,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise ToolError('--device cuda: CUDA is not available')
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if args.capture == 'cuda' and device.type != 'cuda':
+        raise ToolError(f'--capture cuda records CUDA graphs: the device is {device} (use --capture simulate '
+                        'to exercise the same code path on the CPU)')
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -184,7 +201,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                   f'{torch.get_num_threads()} threads suffer badly from contention: consider --threads 1',
                   logger=get_logger(), level=logging.WARNING)
     settings = RunSettings(variants=tuple(args.variants), rounds=args.rounds, warmup=args.warmup,
-                           iters=args.iters, amp=args.amp, lr=args.lr, seed=args.seed, skip_eval=args.skip_eval)
+                           iters=args.iters, amp=args.amp, amp_dtype=args.amp_dtype, lr=args.lr, seed=args.seed,
+                           skip_eval=args.skip_eval)
+    set_generation_capture(args.capture)
     stem = output_stem(args, device)
     if args.profile:
         run_profile(args, settings, device, stem)

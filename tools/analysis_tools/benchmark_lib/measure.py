@@ -38,6 +38,8 @@ class RunSettings:
     warmup: int = 1
     iters: int = 1
     amp: bool = False
+    #: 'float16' or 'bfloat16' under AMP; None: float16 on CUDA, bfloat16 on CPU.
+    amp_dtype: Optional[str] = None
     lr: float = 0.0
     seed: int = 0
     skip_eval: bool = False
@@ -46,14 +48,17 @@ class RunSettings:
 class Trainee:
     """One variant of one workload: the model, its optimizer and a train step."""
 
-    def __init__(self, workload: Workload, variant: str, model: nn.Module, amp: bool, lr: float) -> None:
+    def __init__(self, workload: Workload, variant: str, model: nn.Module, amp: bool, lr: float,
+                 amp_dtype: Optional[str] = None) -> None:
         self.workload, self.variant, self.model = workload, variant, model
         self.device = workload.device
         # foreach: one operator per update over all parameters (the CUDA default), on every device
         self.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr,
                                          momentum=0.9, weight_decay=1e-4, foreach=True)
-        self.amp_dtype = (torch.float16 if self.device.type == 'cuda' else torch.bfloat16) if amp else None
-        self.scaler = torch.amp.GradScaler('cuda') if self.amp_dtype == torch.float16 else None
+        default = torch.float16 if self.device.type == 'cuda' else torch.bfloat16
+        self.amp_dtype = (getattr(torch, amp_dtype) if amp_dtype else default) if amp else None
+        # float16 needs loss scaling (mmengine's AmpOptimWrapper uses a GradScaler); bfloat16 does not.
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.last_loss = float('nan')
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -198,7 +203,7 @@ def build_trainees(workload: Workload, variants: Sequence[str], settings: RunSet
         model.to(workload.device)
         calibrate_batchnorm(model, lambda: workload.features(model))
         model.train()
-        trainees.append(Trainee(workload, variant, model, settings.amp, settings.lr))
+        trainees.append(Trainee(workload, variant, model, settings.amp, settings.lr, settings.amp_dtype))
         log(f'{workload.name}: built {variant} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M '
             'parameters)')
     return trainees

@@ -97,7 +97,7 @@ def load_average() -> Optional[List[float]]:
         return None
 
 
-def metadata(device: torch.device, amp: bool) -> Dict[str, Any]:
+def metadata(device: torch.device, amp: bool, amp_dtype: Optional[str] = None) -> Dict[str, Any]:
     """Date, command line, versions, device and machine load at the start."""
     meta: Dict[str, Any] = dict(
         date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
@@ -105,7 +105,7 @@ def metadata(device: torch.device, amp: bool) -> Dict[str, Any]:
         python=platform.python_version(), platform=platform.platform(), versions=package_versions(),
         git_commit=git_commit(), device=str(device), cpu=cpu_model(), cpu_count=os.cpu_count(),
         torch_threads=torch.get_num_threads(), load_average_start=load_average(),
-        amp=(None if not amp else 'float16' if device.type == 'cuda' else 'bfloat16'))
+        amp=(None if not amp else amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16')))
     if device.type == 'cuda':
         meta['device_name'] = torch.cuda.get_device_name(device)
         meta['cuda'] = torch.version.cuda
