@@ -5,6 +5,7 @@ Importing the package (configs do it with ``custom_imports``):
 * registers the ``OREPA`` and ``DBB`` conv layers for ``conv_cfg``, and the
   ``OREPAResNet``/``DBBResNet`` backbones into every installed framework
   (mmdet, mmseg);
+* registers ``BranchSimilarityHook`` into mmengine's ``HOOKS``;
 * allowlists the globals of mmengine checkpoints for
   ``torch.load(weights_only=True)`` (see :mod:`orepa_mm.checkpoint`).
 
@@ -15,6 +16,7 @@ and the kernel algebra in :mod:`orepa_mm.kernels`.
 """
 from . import kernels
 from .checkpoint import install_safe_globals
+from .engine import BranchSimilarityHook
 from .fuse import FuseReport, count_reparam_layers, fuse_model, fuse_model_with_report
 from .layers import DBBConv2d, OREPAConv2d, ReparamConv2d, set_generation_capture
 from .models.backbones import register_backbones
@@ -26,4 +28,4 @@ register_conv_layers()
 register_backbones()
 
 __all__ = ['__version__', 'kernels', 'OREPAConv2d', 'DBBConv2d', 'ReparamConv2d', 'set_generation_capture',
-           'fuse_model', 'fuse_model_with_report', 'FuseReport', 'count_reparam_layers']
+           'fuse_model', 'fuse_model_with_report', 'FuseReport', 'count_reparam_layers', 'BranchSimilarityHook']

@@ -14,6 +14,7 @@ from mmengine.optim import build_optim_wrapper
 
 import orepa_mm
 from conftest import ROOT
+from orepa_mm.layers.orepa import ALL_BRANCHES
 
 CONFIGS = sorted(p for p in (ROOT / 'configs').rglob('*.py') if '_base_' not in p.parts)
 
@@ -93,6 +94,11 @@ def test_config_builds_and_trains_one_iteration(path: Path):
                 assert (type(m).__name__ == 'DBBConv2d') == (m.kernel_size == (3, 3)), name
     else:
         assert not names & {'OREPAConv2d', 'DBBConv2d'}
+    options = cfg.model.backbone.get('conv_cfg') or {}  # the ablations' branches and scaling
+    for name, m in model.backbone.named_modules():
+        if isinstance(m, orepa_mm.OREPAConv2d):
+            assert m.branches.scaling == options.get('scaling', 'channel'), name
+            assert set(m.branches.branch_names) <= set(options.get('branches') or ALL_BRANCHES), name
     outside = _reparam_parts(cfg.model)
     assert bool(outside) == ('-orepa-all' in path.name), outside
     for part in outside:  # a re-param conv_cfg in a neck or head builds re-param layers there

@@ -5,6 +5,7 @@ vanilla mmdet/mmseg test in a process where orepa_mm cannot be imported,
 and a 2-process (gloo) distributed run."""
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import sys
@@ -70,6 +71,35 @@ def test_fused_deploy_checkpoint_reproduces_metric_without_orepa_mm(kind, det_ru
             assert len(sa) > 0
             n = min(len(sa), len(sb), 20)
             np.testing.assert_allclose(np.asarray(sa[:n]), np.asarray(sb[:n]), atol=1e-4)
+
+
+def test_branch_similarity_tool_on_a_toy_checkpoint(seg_run, toy_root):
+    """Table, JSON and plot for two checkpoints; one per layer of the toy ResNetV1c-18 with several branches."""
+    out_dir = toy_root / 'similarity'
+    tool = str(ROOT / 'tools/analysis_tools/branch_similarity.py')
+    out = run([sys.executable, tool, str(SEG_CFG), str(seg_run['ckpt']), str(SEG_CFG), str(seg_run['ckpt']),
+               '--labels', 'first', 'second', '--out-dir', str(out_dir)], cwd=toy_root)
+    data = json.loads((out_dir / 'branch_similarity.json').read_text())
+    assert list(data) == ['first', 'second'] and data['first']['mean_cosine'] == data['second']['mean_cosine']
+    assert len(data['first']['layers']) == 22  # ResNetV1c-18: deep stem 3 + block convs 16 + downsamples 3
+    assert -1 <= data['first']['mean_cosine'] <= 1
+    assert (out_dir / 'branch_similarity.png').stat().st_size > 10_000
+    assert '| first |' in (out_dir / 'branch_similarity.md').read_text() and '| first |' in out.stdout
+    bad = run([sys.executable, tool, str(SEG_CFG)], cwd=toy_root, check=False)
+    assert bad.returncode == 2 and 'give CONFIG CHECKPOINT pairs' in bad.stderr
+
+
+def test_branch_similarity_hook_during_training(toy_root):
+    cfg = toy_root / 'seg_with_similarity_hook.py'
+    cfg.write_text(f"_base_ = '{SEG_CFG}'\n"
+                   "custom_hooks = [dict(type='BranchSimilarityHook', interval=2)]\n")
+    work = toy_root / 'work_seg_similarity'
+    train = run([bin_path('mim'), 'train', 'mmseg', str(cfg), '--work-dir', str(work)] + _iters(4, 4)
+                + ['default_hooks.logger.interval=2', 'train_cfg.val_interval=100'], cwd=toy_root)
+    history = json.loads((work / 'branch_similarity.json').read_text())['history']
+    assert [h['iter'] for h in history] == [2, 4]
+    assert all(-1 <= h['mean_cosine'] <= 1 and len(h['layers']) == 22 for h in history)
+    assert 'branch_similarity: ' in train.stdout + train.stderr
 
 
 def test_blocked_import_really_blocks(no_orepa_env, toy_root):

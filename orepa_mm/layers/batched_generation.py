@@ -51,11 +51,13 @@ from torch import Tensor
 
 from .. import compat
 from .generation_capture import CapturedGeneration, generation_capture
+from .orepa_branches import OREPA1x1Branches, OREPAKxKBranches, OREPAStackedBranches
 
 __all__ = ['training_conv', 'training_kernel', 'group_kernel', 'batchable']
 
 #: Names of a generator's attributes that count channels or groups: the
-#: virtual generator of ``n`` members has ``n`` times each.
+#: virtual generator of ``n`` members has ``n`` times each.  (``scaling='scalar'``
+#: scales, ``(rows, 1)`` per member, become ``(rows, n)``: one column per member.)
 _SCALED_ATTRS = ('in_channels', 'out_channels', 'groups', 'internal')
 #: Parameters whose first axis is not the layer's channel axis: packed as
 #: ``(n, rows, out)`` and fed to the virtual generator as ``(rows, n * out)``.
@@ -65,13 +67,13 @@ _ROW_MAJOR_PARAMS = ('branch_scales', )
 def batchable(generator: nn.Module) -> bool:
     """Whether ``generator`` can join a group (the 1x1 and k x k OREPA
     blocks; the stacked large kernel composes per layer)."""
-    from .orepa import OREPA1x1Branches, OREPAKxKBranches
     return type(generator) in (OREPA1x1Branches, OREPAKxKBranches)
 
 
 def _group_key(generator: nn.Module) -> tuple:
+    # Same type, options (branches, scaling), dtype, device and parameter shapes.
     p = generator.weight_origin
-    return (type(generator), p.dtype, p.device) + tuple(
+    return (type(generator), generator.branch_names, generator.scaling, p.dtype, p.device) + tuple(
         (name, tuple(t.shape)) for name, t in generator.named_parameters(recurse=False))
 
 
@@ -79,7 +81,6 @@ class _Generation:
     """One call of a group's generation: the kernels and what they were made from."""
 
     def __init__(self, members: Sequence[nn.Module]) -> None:
-        from .orepa import OREPA1x1Branches
         self.regenerate_in_backward = isinstance(members[0], OREPA1x1Branches)
         self.index = {id(m): i for i, m in enumerate(members)}
         self.members = [weakref.ref(m) for m in members]  # ids can be reused after a member dies
@@ -405,7 +406,6 @@ def training_kernel(generator: nn.Module) -> Tensor:
     """The kernel of an OREPA generator for a forward that needs gradients:
     from its group for the 1x1 and k x k blocks; for the stacked large kernel,
     the composition of its 3x3 kernels, each from its group."""
-    from .orepa import OREPAStackedBranches
     if not any(p.requires_grad for p in generator.parameters()):
         return generator()  # a constant: nothing to batch
     if batchable(generator):

@@ -18,7 +18,7 @@ rule that picks one from the kernel size:
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Tuple
+from typing import Literal, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +27,11 @@ from torch import Tensor
 from .. import compat
 from .base import IntOrPair, ReparamConv2d
 from .batched_generation import training_conv
-from .kernel_generator import KernelGenerator
+from .kernel_generator import ALL_BRANCHES, SCALINGS, KernelGenerator
 from .orepa_branches import OREPA1x1Branches, OREPAKxKBranches, OREPAStackedBranches
 
 __all__ = ['OREPAConv2d', 'KernelGenerator', 'OREPA1x1Branches', 'OREPAKxKBranches', 'OREPAStackedBranches',
-           'LARGE_KERNEL_THRESHOLD', 'BranchKind', 'branch_kind', 'build_branches']
+           'LARGE_KERNEL_THRESHOLD', 'BranchKind', 'branch_kind', 'build_branches', 'ALL_BRANCHES', 'SCALINGS']
 
 #: Smallest kernel size built as stacked 3x3 blocks by default (the 7x7 ResNet stem).
 LARGE_KERNEL_THRESHOLD = 7
@@ -56,14 +56,16 @@ def branch_kind(kernel_size: int, large_kernel_threshold: int = LARGE_KERNEL_THR
 
 
 def build_branches(in_channels: int, out_channels: int, kernel_size: int, groups: int = 1,
-                   large_kernel_threshold: int = LARGE_KERNEL_THRESHOLD) -> KernelGenerator:
-    """The freshly initialised generator of the block :func:`branch_kind` picks."""
+                   large_kernel_threshold: int = LARGE_KERNEL_THRESHOLD, branches: Optional[Sequence[str]] = None,
+                   scaling: str = 'channel') -> KernelGenerator:
+    """The freshly initialised generator of the block :func:`branch_kind`
+    picks, with the named ``branches`` it has (all when None) and ``scaling``."""
     kind = branch_kind(kernel_size, large_kernel_threshold)
     if kind == '1x1':
-        return OREPA1x1Branches(in_channels, out_channels, groups)
+        return OREPA1x1Branches(in_channels, out_channels, groups, branches, scaling)
     if kind == 'kxk':
-        return OREPAKxKBranches(in_channels, out_channels, kernel_size, groups)
-    return OREPAStackedBranches(in_channels, out_channels, kernel_size, groups)
+        return OREPAKxKBranches(in_channels, out_channels, kernel_size, groups, branches, scaling)
+    return OREPAStackedBranches(in_channels, out_channels, kernel_size, groups, branches, scaling)
 
 
 class OREPAConv2d(ReparamConv2d):
@@ -94,17 +96,31 @@ class OREPAConv2d(ReparamConv2d):
     Args beyond ``nn.Conv2d``'s:
         large_kernel_threshold: smallest kernel built as stacked 3x3 blocks.
         single_init: start as one plain conv (origin scale 1, others 0).
+        branches: the branches to keep, by name (:data:`ALL_BRANCHES`;
+            ``'origin'`` is required; each block keeps those it has); None,
+            the default, keeps all: the paper's block.  For the paper's
+            component ablation, e.g. ``('origin', 'avg', '1x1_kxk', '1x1')``
+            is the block without the frequency prior, the depthwise-separable
+            branch, the re-parameterized 1x1 (``'l2i'``) and the linear deep
+            stem (``'deep_stem'``).
+        scaling: ``'channel'`` (default, the paper's), ``'scalar'`` (one
+            scale per branch) or ``'none'`` (branches summed unscaled).
+
+    Every option is still one conv per forward, fuses exactly, and batches
+    with the layers of the same shape and options.  In an mmdet/mmseg
+    config: ``conv_cfg=dict(type='OREPA', scaling='scalar')``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
                  padding: IntOrPair | str = 0, dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
                  padding_mode: str = 'zeros', large_kernel_threshold: int = LARGE_KERNEL_THRESHOLD,
-                 single_init: bool = False, device: Optional[torch.device] = None,
+                 single_init: bool = False, branches: Optional[Sequence[str]] = None,
+                 scaling: str = 'channel', device: Optional[torch.device] = None,
                  dtype: Optional[torch.dtype] = None) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode)
         self.branches = build_branches(in_channels, out_channels, self.kernel_size[0], groups,
-                                       large_kernel_threshold)
+                                       large_kernel_threshold, branches, scaling)
         self.single_init = single_init
         self._cache: Optional[Tuple[tuple, Tensor]] = None
         if single_init:

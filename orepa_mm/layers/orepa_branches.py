@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import kernels as K
 from .base import ConstantBuffers
-from .kernel_generator import KernelGenerator, _kaiming_, _rowwise_dot, _scratch
+from .kernel_generator import KernelGenerator, _kaiming_, _rowwise_dot, _scratch, sum_kernels
 
 __all__ = ['OREPA1x1Branches', 'OREPAKxKBranches', 'OREPAStackedBranches']
 
@@ -30,46 +30,63 @@ class OREPA1x1Branches(KernelGenerator):
     reference code (the cheapest width that still reaches every rank); the
     square factor starts as the (grouped) identity, so the pair starts as a
     random 1x1 conv.
-    Initial scales: origin 1.0, pair 0.5.
+    Initial scales: origin 1.0, pair (``'l2i'``) 0.5.  Without ``'l2i'`` in
+    ``branches`` the block is its origin alone (the paper's ablation without
+    the re-parameterized 1x1).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, groups: int = 1) -> None:
+    BRANCHES = ('origin', 'l2i')
+    INIT_SCALES = {'origin': 1.0, 'l2i': 0.5}
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 1,
+                 branches: Optional[Sequence[str]] = None, scaling: str = 'channel') -> None:
         super().__init__()
+        self._init_options(branches, scaling, self.BRANCHES)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         in_g = in_channels // groups
-        self.internal = min(in_channels, out_channels)
         self.weight_origin = nn.Parameter(torch.empty(out_channels, in_g))
-        self.weight_l2i_first = nn.Parameter(torch.empty(self.internal, in_g))
-        self.weight_l2i_second = nn.Parameter(torch.empty(out_channels, self.internal // groups))
-        self.branch_scales = nn.Parameter(torch.empty(2, out_channels))
+        if self.has('l2i'):
+            self.internal = min(in_channels, out_channels)
+            self.weight_l2i_first = nn.Parameter(torch.empty(self.internal, in_g))
+            self.weight_l2i_second = nn.Parameter(torch.empty(out_channels, self.internal // groups))
+        self._new_scales(out_channels)
         self.reset_parameters()
 
     def reset_parameters(self, single_init: bool = False) -> None:
         g = self.groups
         with torch.no_grad():
             _kaiming_(self.weight_origin)
-            if self.internal == self.in_channels:
-                self.weight_l2i_first.copy_(K.grouped_identity(self.internal, self.in_channels // g))
-                _kaiming_(self.weight_l2i_second)
-            else:
-                _kaiming_(self.weight_l2i_first)
-                self.weight_l2i_second.copy_(K.grouped_identity(self.out_channels, self.internal // g))
-            scales = (1.0, 0.0) if single_init else (1.0, 0.5)
-            self.branch_scales.copy_(torch.tensor(scales)[:, None].expand_as(self.branch_scales))
+            if self.has('l2i'):
+                if self.internal == self.in_channels:
+                    self.weight_l2i_first.copy_(K.grouped_identity(self.internal, self.in_channels // g))
+                    _kaiming_(self.weight_l2i_second)
+                else:
+                    _kaiming_(self.weight_l2i_first)
+                    self.weight_l2i_second.copy_(K.grouped_identity(self.out_channels, self.internal // g))
+        self.init_scales(self.INIT_SCALES, single_init)
 
-    def reference_kernel(self) -> Tensor:
-        v = self.branch_scales
-        pair = K.compose_1x1_1x1(self.weight_l2i_first, K.scale_out_channels(self.weight_l2i_second, v[1]),
-                                 self.groups)
-        return (K.scale_out_channels(self.weight_origin, v[0]) + pair)[:, :, None, None]
+    def branch_zeros(self, branch: str) -> Dict[str, Tensor]:
+        return {'origin': {'weight_origin': self.weight_origin},
+                'l2i': {'weight_l2i_second': getattr(self, 'weight_l2i_second', None)}}[branch]
+
+    def branch_kernels(self) -> Dict[str, Tensor]:
+        v = self.scales()
+        kernels = {'origin': K.scale_out_channels(self.weight_origin, v[0])[:, :, None, None]}
+        if self.has('l2i'):
+            kernels['l2i'] = K.compose_1x1_1x1(self.weight_l2i_first,
+                                               K.scale_out_channels(self.weight_l2i_second, v[1]),
+                                               self.groups)[:, :, None, None]
+        return kernels
 
     def _grouped(self, t: Tensor) -> Tensor:
         """A ``(rows, cols)`` matrix of a grouped 1x1 conv as ``(groups, rows / groups, cols)``."""
         return t.view(self.groups, t.shape[0] // self.groups, t.shape[1])
 
     def generate(self) -> Tensor:
-        o, v = self.out_channels, self.branch_scales
+        o, v = self.out_channels, self.scales()
         with torch.no_grad():
+            if not self.has('l2i'):
+                return torch.mul(self.weight_origin, v[0, :, None])[:, :, None, None]
             # kernel = v0 * W + (v1 * B) @ A; the scaled factor B is no larger than the kernel (t <= in).
             b = self.weight_l2i_second
             second = torch.mul(b, v[1, :, None], out=_scratch.get('s0', b.shape, b))
@@ -79,102 +96,125 @@ class OREPA1x1Branches(KernelGenerator):
             return kernel.addcmul_(self.weight_origin, v[0, :, None])[:, :, None, None]
 
     def kernel_backward(self, grad_kernel: Tensor) -> Dict[str, Tensor]:
-        v = self.branch_scales
-        first, second = self.weight_l2i_first, self.weight_l2i_second
+        v = self.scales()
         with torch.no_grad():
             grad = grad_kernel.reshape(self.out_channels, -1)
+            grads = {'weight_origin': grad * v[0, :, None]}
+            if not self.has('l2i'):
+                grads.update(self.scale_grads(_rowwise_dot(grad, self.weight_origin)[None]))
+                return grads
+            first, second = self.weight_l2i_first, self.weight_l2i_second
             grad_g = self._grouped(grad)
             # d/d(v1 * B) = G @ A^T, then split into B's and v1's parts.
             grad_scaled = _scratch.get('s0', second.shape, second)
             torch.bmm(grad_g, self._grouped(first).transpose(1, 2), out=self._grouped(grad_scaled))
             scaled = torch.mul(second, v[1, :, None], out=_scratch.get('s1', second.shape, second))
-            return {
-                'weight_origin': grad * v[0, :, None],
-                'weight_l2i_first': torch.bmm(self._grouped(scaled).transpose(1, 2), grad_g).view_as(first),
-                'weight_l2i_second': grad_scaled * v[1, :, None],
-                'branch_scales': torch.stack([_rowwise_dot(grad, self.weight_origin),
-                                              _rowwise_dot(grad_scaled, second)]),
-            }
-
+            grads['weight_l2i_first'] = torch.bmm(self._grouped(scaled).transpose(1, 2), grad_g).view_as(first)
+            grads['weight_l2i_second'] = grad_scaled * v[1, :, None]
+            grads.update(self.scale_grads(torch.stack([_rowwise_dot(grad, self.weight_origin),
+                                                       _rowwise_dot(grad_scaled, second)])))
+            return grads
 
 
 class OREPAKxKBranches(ConstantBuffers, KernelGenerator):
     """The six-branch OREPA block for an odd ``k >= 3``.
 
-    Per output channel ``o`` (``v = branch_scales``, initial values in brackets):
+    Per output channel ``o`` (``v = scales()``, initial values in brackets):
 
-    ======  =================================================  ======
-    origin  ``W0``, a k x k kernel                               0.25
-    avg     1x1 kernel times the k x k box ``1 / k^2``           0.25
-    prior   1x1 kernel times the frequency-prior basis ``B[o]``  0.0
-    1x1-kxk (identity + ``A``) 1x1 then k x k ``C``              0.5
-    1x1     1x1 kernel at the centre                             1.0
-    dws     depthwise k x k (8x expansion) then pointwise 1x1    0.5
-    ======  =================================================  ======
+    ========  =================================================  ======
+    origin    ``W0``, a k x k kernel                               0.25
+    avg       1x1 kernel times the k x k box ``1 / k^2``           0.25
+    prior     1x1 kernel times the frequency-prior basis ``B[o]``  0.0
+    1x1_kxk   (identity + ``A``) 1x1 then k x k ``C``              0.5
+    1x1       1x1 kernel at the centre                             1.0
+    dws       depthwise k x k (8x expansion) then pointwise 1x1    0.5
+    ========  =================================================  ======
 
+    ``branches`` keeps a subset (origin always; rows of ``branch_scales`` in
+    this order); the default is all six, the paper's block.
     The 1x1-kxk internal width is ``in`` for ``groups <= 4``, else ``2 * in``.
     """
 
     EXPAND = 8
+    BRANCHES = ('origin', 'avg', 'prior', '1x1_kxk', '1x1', 'dws')
+    INIT_SCALES = {'origin': 0.25, 'avg': 0.25, 'prior': 0.0, '1x1_kxk': 0.5, '1x1': 1.0, 'dws': 0.5}
+    #: The branches that are a 1x1 kernel times a fixed k x k pattern, computed as one product.
+    PATTERN_BRANCHES = ('avg', 'prior', '1x1')
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, groups: int = 1) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, groups: int = 1,
+                 branches: Optional[Sequence[str]] = None, scaling: str = 'channel') -> None:
         super().__init__()
+        self._init_options(branches, scaling, self.BRANCHES)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = k = kernel_size
         in_g = in_channels // groups
-        internal = in_channels if groups <= 4 else 2 * in_channels
+        self.patterns = tuple(b for b in self.PATTERN_BRANCHES if self.has(b))
         self.weight_origin = nn.Parameter(torch.empty(out_channels, in_g, k, k))
-        self.weight_avg = nn.Parameter(torch.empty(out_channels, in_g))
-        self.weight_prior = nn.Parameter(torch.empty(out_channels, in_g))
-        self.weight_1x1 = nn.Parameter(torch.empty(out_channels, in_g))
-        self.weight_1x1_kxk_first = nn.Parameter(torch.empty(internal, in_g))
-        self.weight_1x1_kxk_second = nn.Parameter(torch.empty(out_channels, internal // groups, k, k))
-        self.weight_dw = nn.Parameter(torch.empty(self.EXPAND * in_channels, 1, k, k))
-        self.weight_pw = nn.Parameter(torch.empty(out_channels, self.EXPAND * in_g))
-        self.branch_scales = nn.Parameter(torch.empty(6, out_channels))
-        self.internal = internal
+        for b in self.patterns:
+            setattr(self, f'weight_{b}', nn.Parameter(torch.empty(out_channels, in_g)))
+        if self.has('1x1_kxk'):
+            self.internal = internal = in_channels if groups <= 4 else 2 * in_channels
+            self.weight_1x1_kxk_first = nn.Parameter(torch.empty(internal, in_g))
+            self.weight_1x1_kxk_second = nn.Parameter(torch.empty(out_channels, internal // groups, k, k))
+        if self.has('dws'):
+            self.weight_dw = nn.Parameter(torch.empty(self.EXPAND * in_channels, 1, k, k))
+            self.weight_pw = nn.Parameter(torch.empty(out_channels, self.EXPAND * in_g))
+        self._new_scales(out_channels)
         self.build_constants()
         self.reset_parameters()
 
-    INIT_SCALES = (0.25, 0.25, 0.0, 0.5, 1.0, 0.5)
-
     def constant_buffers(self, dtype: torch.dtype, device: torch.device) -> Dict[str, Tensor]:
         """``spatial_patterns``: the avg box, the frequency prior and the centre
-        tap stacked as ``(out, 3, k*k)``, so that the three "1x1 kernel times
-        a fixed k x k pattern" branches are a single product;
-        ``identity_1x1_kxk``: the identity part of the 1x1-kxk branch's first
-        factor.  Computed in float64, rounded once to ``dtype``."""
+        tap (those of them in the block) stacked as ``(out, patterns, k*k)``,
+        so that the "1x1 kernel times a fixed k x k pattern" branches are a
+        single product; ``identity_1x1_kxk``: the identity part of the
+        1x1-kxk branch's first factor.  Computed in float64, rounded once to
+        ``dtype``."""
         o, k = self.out_channels, self.kernel_size
         centre = torch.zeros(k, k, dtype=torch.float64)
         centre[k // 2, k // 2] = 1
-        patterns = torch.stack([K.box_kernel(k, torch.float64).expand(o, k, k),
-                                K.frequency_prior(o, k, torch.float64), centre.expand(o, k, k)], dim=1)
-        return {
-            'spatial_patterns': patterns.flatten(2).to(dtype=dtype, device=device).contiguous(),
-            'identity_1x1_kxk': K.grouped_identity(self.internal, self.in_channels // self.groups, dtype, device),
-        }
+        formulas = {'avg': lambda: K.box_kernel(k, torch.float64).expand(o, k, k),
+                    'prior': lambda: K.frequency_prior(o, k, torch.float64), '1x1': lambda: centre.expand(o, k, k)}
+        constants = {}
+        if self.patterns:
+            patterns = torch.stack([formulas[b]() for b in self.patterns], dim=1)
+            constants['spatial_patterns'] = patterns.flatten(2).to(dtype=dtype, device=device).contiguous()
+        if self.has('1x1_kxk'):
+            constants['identity_1x1_kxk'] = K.grouped_identity(self.internal, self.in_channels // self.groups,
+                                                               dtype, device)
+        return constants
 
     def reset_parameters(self, single_init: bool = False) -> None:
         with torch.no_grad():
-            for w in (self.weight_origin, self.weight_avg, self.weight_prior, self.weight_1x1,
-                      self.weight_1x1_kxk_second, self.weight_dw, self.weight_pw):
-                _kaiming_(w)
-            self.weight_1x1_kxk_first.zero_()
-            scales = (1.0, 0, 0, 0, 0, 0) if single_init else self.INIT_SCALES
-            self.branch_scales.copy_(torch.tensor(scales)[:, None].expand_as(self.branch_scales))
+            for name in ('weight_origin', *(f'weight_{b}' for b in self.patterns), 'weight_1x1_kxk_second',
+                         'weight_dw', 'weight_pw'):
+                if hasattr(self, name):
+                    _kaiming_(getattr(self, name))
+            if self.has('1x1_kxk'):
+                self.weight_1x1_kxk_first.zero_()
+        self.init_scales(self.INIT_SCALES, single_init)
 
-    def reference_kernel(self) -> Tensor:
-        v = self.branch_scales
+    def branch_zeros(self, branch: str) -> Dict[str, Tensor]:
+        name = {'origin': 'weight_origin', '1x1_kxk': 'weight_1x1_kxk_second', 'dws': 'weight_pw'}.get(
+            branch, f'weight_{branch}')
+        return {name: getattr(self, name)}
+
+    def branch_kernels(self) -> Dict[str, Tensor]:
+        v = self.scales()
         o, in_g, k = self.out_channels, self.in_channels // self.groups, self.kernel_size
-        kernel = K.scale_out_channels(self.weight_origin, v[0])
-        # avg, prior and centred 1x1: (3, out, in_g) x (out, 3, k*k) -> (out, in_g, k*k)
-        factors = torch.stack([self.weight_avg, self.weight_prior, self.weight_1x1]) * v[[1, 2, 4], :, None]
-        kernel = kernel + torch.einsum('boi,obk->oik', factors, self.spatial_patterns).view(o, in_g, k, k)
-        kernel = kernel + K.compose_1x1_kxk(self.weight_1x1_kxk_first + self.identity_1x1_kxk,
-                                            K.scale_out_channels(self.weight_1x1_kxk_second, v[3]), self.groups)
-        kernel = kernel + K.dw_pw_to_full(self.weight_dw, K.scale_out_channels(self.weight_pw, v[5]),
-                                          self.EXPAND, self.groups)
-        return kernel
+        kernels = {'origin': K.scale_out_channels(self.weight_origin, v[0])}
+        for j, b in enumerate(self.patterns):  # a 1x1 kernel times its fixed k x k pattern
+            factor = getattr(self, f'weight_{b}') * v[self.row(b), :, None]
+            kernels[b] = (factor[:, :, None] * self.spatial_patterns[:, j, None, :]).view(o, in_g, k, k)
+        if self.has('1x1_kxk'):
+            kernels['1x1_kxk'] = K.compose_1x1_kxk(self.weight_1x1_kxk_first + self.identity_1x1_kxk,
+                                                   K.scale_out_channels(self.weight_1x1_kxk_second,
+                                                                        v[self.row('1x1_kxk')]), self.groups)
+        if self.has('dws'):
+            kernels['dws'] = K.dw_pw_to_full(self.weight_dw, K.scale_out_channels(self.weight_pw,
+                                                                                  v[self.row('dws')]),
+                                             self.EXPAND, self.groups)
+        return {b: kernels[b] for b in self.branch_names}
 
     # -- the fast path -----------------------------------------------------------
     # Work layout: the 1x1-kxk branch is a contraction over its internal width
@@ -185,109 +225,117 @@ class OREPAKxKBranches(ConstantBuffers, KernelGenerator):
     # branch (a batched product over input channels) is added in place.
     def _sizes(self) -> Tuple[int, int, int, int, int, int]:
         g, o, kk = self.groups, self.out_channels, self.kernel_size ** 2
-        return g, o, o // g, self.in_channels // g, self.internal // g, kk
+        return g, o, o // g, self.in_channels // g, getattr(self, 'internal', 0) // g, kk
 
-    @staticmethod
-    def _pattern_scales(v: Tensor) -> Tensor:
-        """Scales of the avg, prior and centred-1x1 branches as ``(out, 3)``.
+    def _pattern_scales(self, v: Tensor) -> Tensor:
+        """Scales of the pattern branches as ``(out, patterns)``.
         (Stacked rows, not ``v[[1, 2, 4]]``: list indexing copies the index
         from the host and synchronises a GPU.)"""
-        return torch.stack((v[1], v[2], v[4]), dim=1)
+        return torch.stack([v[self.row(b)] for b in self.patterns], dim=1)
 
     def _factors(self) -> Tensor:
-        """The avg, prior and centred-1x1 factors stacked as ``(out, 3, in_g)`` (scratch)."""
-        f = self.weight_avg
-        return torch.stack([f, self.weight_prior, self.weight_1x1], dim=1,
-                           out=_scratch.get('factors', (f.shape[0], 3, f.shape[1]), f))
+        """The pattern branches' factors stacked as ``(out, patterns, in_g)`` (scratch)."""
+        f = self.weight_origin
+        factors = [getattr(self, f'weight_{b}') for b in self.patterns]
+        return torch.stack(factors, dim=1, out=_scratch.get('factors', (f.shape[0], len(factors), f.shape[1]), f))
 
     def _first(self) -> Tensor:
         """The 1x1-kxk branch's first factor, identity included (scratch)."""
         eye = self.identity_1x1_kxk
         return torch.add(self.weight_1x1_kxk_first, eye, out=_scratch.get('first', eye.shape, eye))
 
-    def _scaled_pw(self) -> Tensor:
-        """``v5 * pw`` as ``(groups, in_g, out_g, expand)``: one matrix per input channel (scratch ``s0``)."""
+    def _scaled_pw(self, v: Tensor) -> Tensor:
+        """``v_dws * pw`` as ``(groups, in_g, out_g, expand)``: one matrix per input channel (scratch ``s0``)."""
         g, _, o_g, in_g, _, _ = self._sizes()
-        v5 = self.branch_scales[5]
+        v5 = v[self.row('dws')]
         return torch.mul(self.weight_pw.view(g, o_g, in_g, self.EXPAND).transpose(1, 2), v5.view(g, 1, o_g, 1),
                          out=_scratch.get('s0', (g, in_g, o_g, self.EXPAND), v5))
 
     def generate(self) -> Tensor:
         g, o, o_g, in_g, t_g, kk = self._sizes()
-        e, k, v = self.EXPAND, self.kernel_size, self.branch_scales
+        e, k, v = self.EXPAND, self.kernel_size, self.scales()
         like, get = self.weight_origin, _scratch.get
         with torch.no_grad():
-            # 1x1-kxk: (v3 * C) in the work layout (o, kk, t_g), times (A + I)
-            second = torch.mul(self.weight_1x1_kxk_second.view(o, t_g, kk).transpose(1, 2), v[3, :, None, None],
-                               out=get('s0', (o, kk, t_g), like))
-            first = self._first()
-            work = get('s1', (o, kk, in_g), like)
-            torch.bmm(second.view(g, o_g * kk, t_g), first.view(g, t_g, in_g), out=work.view(g, o_g * kk, in_g))
-            # avg, prior, centred 1x1: (o, kk, 3) @ (o, 3, in_g), accumulated in place
-            patterns = self.spatial_patterns * self._pattern_scales(v)[:, :, None]  # (o, 3, kk)
-            factors = self._factors()
-            work.baddbmm_(patterns.transpose(1, 2), factors)
+            work = None  # the 1x1-kxk and pattern branches in the work layout (o, kk, in_g)
+            if self.has('1x1_kxk'):  # (v * C) in the work layout (o, kk, t_g), times (A + I)
+                second = torch.mul(self.weight_1x1_kxk_second.view(o, t_g, kk).transpose(1, 2),
+                                   v[self.row('1x1_kxk'), :, None, None], out=get('s0', (o, kk, t_g), like))
+                work = get('s1', (o, kk, in_g), like)
+                torch.bmm(second.view(g, o_g * kk, t_g), self._first().view(g, t_g, in_g),
+                          out=work.view(g, o_g * kk, in_g))
+            if self.patterns:  # avg, prior, centred 1x1: (o, kk, p) @ (o, p, in_g)
+                patterns = self.spatial_patterns * self._pattern_scales(v)[:, :, None]  # (o, p, kk)
+                if work is None:
+                    work = torch.bmm(patterns.transpose(1, 2), self._factors(), out=get('s1', (o, kk, in_g), like))
+                else:
+                    work.baddbmm_(patterns.transpose(1, 2), self._factors())
             # origin, while moving to the conv layout (o, in_g, kk)
             kernel = like.new_empty(o, in_g, kk)
-            torch.addcmul(work.transpose(1, 2), self.weight_origin.view(o, in_g, kk), v[0, :, None, None],
-                          out=kernel)
-            # depthwise-separable: a product per input channel of (v5 * pw) (o_g, e) and dw (e, kk)
-            pw = self._scaled_pw()  # s0 is free again
-            separable = get('s1', (g, in_g, o_g, kk), like)  # so is s1
-            torch.bmm(pw.view(g * in_g, o_g, e), self.weight_dw.view(g * in_g, e, kk),
-                      out=separable.view(g * in_g, o_g, kk))
-            kernel.view(g, o_g, in_g, kk).add_(separable.transpose(1, 2))
+            origin, v0 = self.weight_origin.view(o, in_g, kk), v[0, :, None, None]
+            if work is None:
+                torch.mul(origin, v0, out=kernel)
+            else:
+                torch.addcmul(work.transpose(1, 2), origin, v0, out=kernel)
+            if self.has('dws'):  # a product per input channel of (v * pw) (o_g, e) and dw (e, kk)
+                pw = self._scaled_pw(v)  # s0 is free again
+                separable = get('s1', (g, in_g, o_g, kk), like)  # so is s1
+                torch.bmm(pw.view(g * in_g, o_g, e), self.weight_dw.view(g * in_g, e, kk),
+                          out=separable.view(g * in_g, o_g, kk))
+                kernel.view(g, o_g, in_g, kk).add_(separable.transpose(1, 2))
             return kernel.view(o, in_g, k, k)
 
     def kernel_backward(self, grad_kernel: Tensor) -> Dict[str, Tensor]:
         g, o, o_g, in_g, t_g, kk = self._sizes()
-        e, v = self.EXPAND, self.branch_scales
+        e, v = self.EXPAND, self.scales()
         like, get = self.weight_origin, _scratch.get
         with torch.no_grad():
             grad_kernel = grad_kernel.contiguous()
             grad = grad_kernel.view(o, in_g, kk)
-            grad_work = get('s0', (o, kk, in_g), like)
-            grad_work.copy_(grad.transpose(1, 2))
-            grad_scales: List[Tensor] = [v[0]] * 6  # rows filled below, stacked at the end
+            grad_scales: List[Tensor] = [v[0]] * len(self.branch_names)  # rows filled below, stacked at the end
             grads = {'weight_origin': grad_kernel * v[0, :, None, None, None]}
             grad_scales[0] = _rowwise_dot(grad, self.weight_origin.view(o, in_g, kk))
-            # avg, prior, centred 1x1
-            factors = self._factors()
-            grad_factors = torch.bmm(self.spatial_patterns, grad_work)  # (o, 3, in_g), before scaling
-            pattern_grads = torch.mul(grad_factors, factors, out=factors).sum(2)  # (o, 3)
-            grad_scales[1], grad_scales[2], grad_scales[4] = pattern_grads.unbind(1)
-            grad_factors.mul_(self._pattern_scales(v)[:, :, None])
-            for b, name in enumerate(('weight_avg', 'weight_prior', 'weight_1x1')):
-                grads[name] = grad_factors[:, b].contiguous()
-            # 1x1-kxk, in the work layout: d/d(v3 * C) = G_work @ (A + I)^T, d/dA = (v3 * C)^T @ G_work
-            second = get('s1', (o, kk, t_g), like)
-            second.copy_(self.weight_1x1_kxk_second.view(o, t_g, kk).transpose(1, 2))
-            first = self._first()
-            grad_second = get('s2', (o, kk, t_g), like)
-            torch.bmm(grad_work.view(g, o_g * kk, in_g), first.view(g, t_g, in_g).transpose(1, 2),
-                      out=grad_second.view(g, o_g * kk, t_g))
-            grad_scales[3] = _rowwise_dot(grad_second, second)
-            grads['weight_1x1_kxk_second'] = torch.mul(
-                grad_second.transpose(1, 2), v[3, :, None, None]).view_as(self.weight_1x1_kxk_second)
-            second.mul_(v[3, :, None, None])
-            grads['weight_1x1_kxk_first'] = torch.bmm(second.view(g, o_g * kk, t_g).transpose(1, 2),
-                                                      grad_work.view(g, o_g * kk, in_g)).view(-1, in_g)
-            # depthwise-separable, batched over input channels: (o_g, kk) x (kk, e) and (e, o_g) x (o_g, kk)
-            grad_io = get('s1', (g, in_g, o_g, kk), like)  # s1, s2 are free again
-            grad_io.copy_(grad.view(g, o_g, in_g, kk).transpose(1, 2))
-            dw = self.weight_dw.view(g * in_g, e, kk)
-            grad_pw_io = torch.bmm(grad_io.view(g * in_g, o_g, kk), dw.transpose(1, 2),
-                                   out=get('s2', (g * in_g, o_g, e), like))
-            grad_pw = like.new_empty(o, in_g * e)  # (a reshape could alias the scratch buffer)
-            grad_pw.view(g, o_g, in_g, e).copy_(grad_pw_io.view(g, in_g, o_g, e).transpose(1, 2))
-            grad_scales[5] = _rowwise_dot(grad_pw, self.weight_pw)
-            grads['weight_pw'] = grad_pw.mul_(v[5, :, None])
-            pw = self._scaled_pw()  # and s0
-            grads['weight_dw'] = torch.bmm(pw.view(g * in_g, o_g, e).transpose(1, 2),
-                                           grad_io.view(g * in_g, o_g, kk)).view_as(self.weight_dw)
-            grads['branch_scales'] = torch.stack(grad_scales)
+            if self.patterns or self.has('1x1_kxk'):
+                grad_work = get('s0', (o, kk, in_g), like)
+                grad_work.copy_(grad.transpose(1, 2))
+            if self.patterns:  # avg, prior, centred 1x1
+                factors = self._factors()
+                grad_factors = torch.bmm(self.spatial_patterns, grad_work)  # (o, p, in_g), before scaling
+                pattern_grads = torch.mul(grad_factors, factors, out=factors).sum(2)  # (o, p)
+                for b, grad_scale in zip(self.patterns, pattern_grads.unbind(1)):
+                    grad_scales[self.row(b)] = grad_scale
+                grad_factors.mul_(self._pattern_scales(v)[:, :, None])
+                for j, b in enumerate(self.patterns):
+                    grads[f'weight_{b}'] = grad_factors[:, j].contiguous()
+            if self.has('1x1_kxk'):
+                # in the work layout: d/d(v * C) = G_work @ (A + I)^T, d/dA = (v * C)^T @ G_work
+                v3 = v[self.row('1x1_kxk'), :, None, None]
+                second = get('s1', (o, kk, t_g), like)
+                second.copy_(self.weight_1x1_kxk_second.view(o, t_g, kk).transpose(1, 2))
+                grad_second = get('s2', (o, kk, t_g), like)
+                torch.bmm(grad_work.view(g, o_g * kk, in_g), self._first().view(g, t_g, in_g).transpose(1, 2),
+                          out=grad_second.view(g, o_g * kk, t_g))
+                grad_scales[self.row('1x1_kxk')] = _rowwise_dot(grad_second, second)
+                grads['weight_1x1_kxk_second'] = torch.mul(
+                    grad_second.transpose(1, 2), v3).view_as(self.weight_1x1_kxk_second)
+                second.mul_(v3)
+                grads['weight_1x1_kxk_first'] = torch.bmm(second.view(g, o_g * kk, t_g).transpose(1, 2),
+                                                          grad_work.view(g, o_g * kk, in_g)).view(-1, in_g)
+            if self.has('dws'):
+                # batched over input channels: (o_g, kk) x (kk, e) and (e, o_g) x (o_g, kk)
+                grad_io = get('s1', (g, in_g, o_g, kk), like)  # s1, s2 are free again
+                grad_io.copy_(grad.view(g, o_g, in_g, kk).transpose(1, 2))
+                dw = self.weight_dw.view(g * in_g, e, kk)
+                grad_pw_io = torch.bmm(grad_io.view(g * in_g, o_g, kk), dw.transpose(1, 2),
+                                       out=get('s2', (g * in_g, o_g, e), like))
+                grad_pw = like.new_empty(o, in_g * e)  # (a reshape could alias the scratch buffer)
+                grad_pw.view(g, o_g, in_g, e).copy_(grad_pw_io.view(g, in_g, o_g, e).transpose(1, 2))
+                grad_scales[self.row('dws')] = _rowwise_dot(grad_pw, self.weight_pw)
+                grads['weight_pw'] = grad_pw.mul_(v[self.row('dws'), :, None])
+                pw = self._scaled_pw(v)  # and s0
+                grads['weight_dw'] = torch.bmm(pw.view(g * in_g, o_g, e).transpose(1, 2),
+                                               grad_io.view(g * in_g, o_g, kk)).view_as(self.weight_dw)
+            grads.update(self.scale_grads(torch.stack(grad_scales)))
             return grads
-
 
 
 class OREPAStackedBranches(KernelGenerator):
@@ -300,36 +348,58 @@ class OREPAStackedBranches(KernelGenerator):
     (:func:`orepa_mm.kernels.compose_stack`).  The reference code instead
     cross-correlates the 3x3 kernels, which gives a trainable 7x7 kernel but
     not the kernel of the stack; its checkpoints convert exactly by flipping
-    (see ``tools/convert_reference_checkpoint.py``).  The origin branch
+    (see ``tools/model_converters/convert_reference_checkpoint.py``).  The origin branch
     (initial scale 0; the stack starts at scale 1, as in the paper) exists so
     that a plain k x k checkpoint, e.g. an ImageNet ResNet stem, loads
     exactly: a product of 3x3 kernels cannot represent every 7x7 kernel.
     Groups are supported (every stacked conv uses them); dilation and stride
-    apply to the composed kernel as a whole.
+    apply to the composed kernel as a whole.  Without ``'deep_stem'`` in
+    ``branches`` the block is its origin alone (a plain large conv, scale 1).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, groups: int = 1) -> None:
+    BRANCHES = ('origin', 'deep_stem')
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, groups: int = 1,
+                 branches: Optional[Sequence[str]] = None, scaling: str = 'channel') -> None:
         super().__init__()
+        self._init_options(branches, scaling, self.BRANCHES)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = kernel_size
-        n = (kernel_size - 1) // 2
+        n = (kernel_size - 1) // 2 if self.has('deep_stem') else 0
+        # The stacked 3x3 blocks have the same branch and scaling options as the layer.
         self.stack = nn.ModuleList(
-            OREPAKxKBranches(in_channels if i == 0 else out_channels, out_channels, 3, groups) for i in range(n))
+            OREPAKxKBranches(in_channels if i == 0 else out_channels, out_channels, 3, groups, branches, scaling)
+            for i in range(n))
         self.weight_origin = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size))
-        self.branch_scales = nn.Parameter(torch.empty(2, out_channels))
+        self._new_scales(out_channels)
         self.reset_parameters()
 
     def reset_parameters(self, single_init: bool = False) -> None:
         with torch.no_grad():
             _kaiming_(self.weight_origin)
-            self.branch_scales[0].fill_(1.0 if single_init else 0.0)
-            self.branch_scales[1].fill_(0.0 if single_init else 1.0)
             for layer in self.stack:
                 layer.reset_parameters()
+        # The stack starts alone at scale 1 (the origin at 0); without it the origin is the block.
+        self.init_scales({'origin': 0.0 if self.has('deep_stem') else 1.0, 'deep_stem': 1.0}, single_init)
+
+    def branch_zeros(self, branch: str) -> Dict[str, Tensor]:
+        if branch == 'origin':
+            return {'weight_origin': self.weight_origin}
+        last = len(self.stack) - 1  # a zero last kernel makes the composition zero
+        return {f'stack.{last}.{name}': t for b in self.stack[last].branch_names
+                for name, t in self.stack[last].branch_zeros(b).items()}
+
+    def branch_kernels(self, sub_kernel: Optional[Callable[[nn.Module], Tensor]] = None) -> Dict[str, Tensor]:
+        """Each branch's scaled kernel; ``sub_kernel(generator)`` gives the
+        stacked 3x3 kernels (default: their own forward)."""
+        v = self.scales()
+        kernels = {'origin': K.scale_out_channels(self.weight_origin, v[0])}
+        if self.has('deep_stem'):
+            stacked = K.compose_stack([sub_kernel(layer) if sub_kernel else layer() for layer in self.stack],
+                                      self.groups)
+            kernels['deep_stem'] = K.scale_out_channels(stacked, v[1])
+        return kernels
 
     def reference_kernel(self, sub_kernel: Optional[Callable[[nn.Module], Tensor]] = None) -> Tensor:
-        """The kernel; ``sub_kernel(generator)`` gives the stacked 3x3 kernels (default: their own forward)."""
-        v = self.branch_scales
-        stacked = K.compose_stack([sub_kernel(layer) if sub_kernel else layer() for layer in self.stack],
-                                  self.groups)
-        return K.scale_out_channels(self.weight_origin, v[0]) + K.scale_out_channels(stacked, v[1])
+        """The kernel: the sum of :meth:`branch_kernels`."""
+        return sum_kernels(self.branch_kernels(sub_kernel).values())

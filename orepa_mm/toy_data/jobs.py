@@ -10,30 +10,44 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-__all__ = ['ToyJob', 'TOY_JOBS', 'TOY_VARIANTS', 'metric_value']
+__all__ = ['ToyJob', 'TOY_JOBS', 'TOY_VARIANTS', 'ABLATION_VARIANTS', 'metric_value']
 
 #: The conv variants each toy task ships a config for.
 TOY_VARIANTS: Tuple[str, ...] = ('plain', 'dbb', 'orepa')
+#: The OREPA ablations (``OREPAConv2d``'s ``scaling`` and ``branches``), each a
+#: config of its own: the scaling layers (``orepa`` has one scale per branch and
+#: channel), then the components added in turn from the linearized DBB
+#: branches (``-l2i``: the re-parameterized 1x1; ``orepa`` adds the linear
+#: deep stem, which only the detector's 7x7 stem has).
+ABLATION_VARIANTS: Tuple[str, ...] = ('orepa-scalar', 'orepa-noscale', 'orepa-base', 'orepa-base-prior',
+                                      'orepa-base-prior-dws', 'orepa-base-prior-dws-l2i')
 
 
 @dataclass(frozen=True)
 class ToyJob:
-    """A toy task: its config pattern (``{variant}`` is filled in) and its metric."""
+    """A toy task: its config pattern (``{variant}`` is filled in), its metric
+    and the ablation variants it has configs for."""
     config_pattern: str
     metric: str
     metric_name: str
+    ablations: Tuple[str, ...] = ()
+
+    @property
+    def variants(self) -> Tuple[str, ...]:
+        return TOY_VARIANTS + self.ablations
 
     def config(self, variant: str) -> str:
-        """The config path of ``variant`` (one of :data:`TOY_VARIANTS`)."""
-        if variant not in TOY_VARIANTS:
-            raise ValueError(f'unknown variant {variant!r}; expected one of {", ".join(TOY_VARIANTS)}')
+        """The config path of ``variant`` (one of :attr:`variants`)."""
+        if variant not in self.variants:
+            raise ValueError(f'unknown variant {variant!r}; expected one of {", ".join(self.variants)}')
         return self.config_pattern.format(variant=variant)
 
 
 TOY_JOBS: Dict[str, ToyJob] = {
-    'detector': ToyJob('configs/toy/fcos_r18w32-{variant}_fpn_600i_toy-coco.py', 'coco/bbox_mAP', 'bbox mAP'),
+    'detector': ToyJob('configs/toy/fcos_r18w32-{variant}_fpn_600i_toy-coco.py', 'coco/bbox_mAP', 'bbox mAP',
+                       ABLATION_VARIANTS),
     'segmentor': ToyJob('configs/toy/pspnet_r18w32-d8-{variant}_1xb4-300i_toy-cityscapes-128x256.py', 'mIoU',
-                        'mIoU'),
+                        'mIoU', ABLATION_VARIANTS[:-1]),  # no 7x7 stem: '-l2i' would be 'orepa'
 }
 
 

@@ -46,7 +46,7 @@ from benchmark_lib import report as rep  # noqa: E402
 
 from orepa_mm.checkpoint import atomic_write, atomic_write_text  # noqa: E402
 from orepa_mm.cli import EXIT_STATUS_HELP, ToolError, log, tool_main  # noqa: E402
-from orepa_mm.toy_data.jobs import TOY_JOBS, TOY_VARIANTS  # noqa: E402
+from orepa_mm.toy_data.jobs import ABLATION_VARIANTS, TOY_JOBS, TOY_VARIANTS  # noqa: E402
 
 PROG = 'accuracy_benchmark'
 WORKER = osp.join(osp.dirname(osp.abspath(__file__)), 'benchmark_lib', 'accuracy_worker.py')
@@ -58,7 +58,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--tasks', nargs='+', default=list(TOY_JOBS), help=f'of: {", ".join(TOY_JOBS)}')
     parser.add_argument('--variants', nargs='+', default=list(TOY_VARIANTS),
-                        help=f'of: {", ".join(TOY_VARIANTS)}; the first is the baseline of the Δ column')
+                        help=f'of: {", ".join(TOY_VARIANTS + ABLATION_VARIANTS)} (the ablations: for the tasks '
+                        'that have them); the first is the baseline of the Δ column')
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument('--seeds', nargs='+', type=int, default=None, help='the seeds (default: 0 1 2)')
     seeds.add_argument('--num-seeds', type=int, default=None, help='seeds 0 .. N-1')
@@ -73,12 +74,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--device', choices=['cpu', 'cuda'], default=None,
                         help='None: cuda when available, else cpu')
     args = parser.parse_args(argv)
-    for what, given, known in (('task', args.tasks, list(TOY_JOBS)), ('variant', args.variants, TOY_VARIANTS)):
+    for what, given, known in (('task', args.tasks, list(TOY_JOBS)),
+                               ('variant', args.variants, TOY_VARIANTS + ABLATION_VARIANTS)):
         unknown = [name for name in given if name not in known]
         if unknown:
             raise ToolError(f'unknown {what} {unknown[0]!r}; expected one of {", ".join(known)}')
         if len(set(given)) != len(given):
             raise ToolError(f'--{what}s must not repeat')
+    for task in args.tasks:
+        missing = [v for v in args.variants if v not in TOY_JOBS[task].variants]
+        if missing:
+            raise ToolError(f'the {task} has no config for variant {missing[0]!r} (its variants: '
+                            f'{", ".join(TOY_JOBS[task].variants)})')
     if args.num_seeds is not None and args.num_seeds < 1:
         raise ToolError('--num-seeds must be >= 1')
     args.seeds = args.seeds if args.seeds is not None else list(range(args.num_seeds or 3))

@@ -1,0 +1,4 @@
+"""mmengine runtime parts: hooks."""
+from .hooks import BranchSimilarityHook
+
+__all__ = ['BranchSimilarityHook']
