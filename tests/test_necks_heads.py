@@ -108,6 +108,20 @@ def _max_rel_gap(a_out, b_out) -> float:
     return max(((x - y).abs().max() / x.abs().max()).item() for x, y in zip(a, b))
 
 
+def _fuse_with_trained_statistics(module: nn.Module) -> nn.Module:
+    """Give ``module``'s BNs non-trivial running statistics (as after training),
+    switch it to eval mode and fuse it; no conv may be left with a bias or unfused."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for bn in (m for m in module.modules() if isinstance(m, _BatchNorm)):
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.2)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+    module.eval()
+    report = orepa_mm.fuse_model_with_report(module)
+    assert report.biased_convs == [] and orepa_mm.count_reparam_layers(report.model) == 0
+    return report.model
+
+
 @pytest.mark.parametrize('case', list(CASES))
 def test_neck_or_head_trains_and_fuses_into_the_vanilla_module(case: str):
     build, cfg, make_inputs = CASES[case]
@@ -135,15 +149,7 @@ def test_neck_or_head_trains_and_fuses_into_the_vanilla_module(case: str):
     moved = [n for n in reparam_params if not torch.equal(before[f'{n}.branches.branch_scales'],
                                                           module.get_submodule(n).branches.branch_scales)]
     assert moved == reparam_params, 'every OREPA layer must get a gradient step'
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-trivial BN statistics, as after training
-        for bn in (m for m in module.modules() if isinstance(m, _BatchNorm)):
-            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.2)
-            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
-    module.eval()
-    report = orepa_mm.fuse_model_with_report(module)
-    fused = report.model
-    assert report.biased_convs == [] and orepa_mm.count_reparam_layers(fused) == 0
+    fused = _fuse_with_trained_statistics(module)
     vanilla = build(dict(cfg, conv_cfg=None))
     assert {k: v.shape for k, v in fused.state_dict().items()} == \
         {k: v.shape for k, v in vanilla.state_dict().items()}
@@ -213,15 +219,7 @@ def test_retina_sep_bn_head_fuses_its_shared_convs_once(kind: str):
     module.train()
     _loss(module(*inputs)).backward()
     torch.optim.SGD(module.parameters(), lr=0.05).step()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for bn in (m for m in module.modules() if isinstance(m, _BatchNorm)):
-            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.2)
-            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
-    module.eval()
-    report = orepa_mm.fuse_model_with_report(module)
-    fused = report.model
-    assert report.biased_convs == [] and orepa_mm.count_reparam_layers(fused) == 0
+    fused = _fuse_with_trained_statistics(module)
     plain = _mmdet(dict(cfg, conv_cfg=None))
     for branch in ('cls_convs', 'reg_convs'):
         for j in range(cfg['stacked_convs']):
