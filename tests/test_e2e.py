@@ -102,6 +102,29 @@ def test_branch_similarity_hook_during_training(toy_root):
     assert 'branch_similarity: ' in train.stdout + train.stderr
 
 
+@pytest.mark.parametrize('kind', ['det', 'seg'])
+def test_quantization_check_on_toy_checkpoints(kind, det_run, seg_run, toy_root):
+    """fp32 and INT8 metrics from the framework's evaluator, per-layer statistics and the plot;
+    a checkpoint of another model is refused."""
+    cfg, res, metric = (DET_CFG, det_run, 'coco/bbox_mAP') if kind == 'det' else (SEG_CFG, seg_run, 'mIoU')
+    out_dir = toy_root / f'quantization_{kind}'
+    tool = str(ROOT / 'tools/analysis_tools/quantization_check.py')
+    keep_all = ['--cfg-options'] + DET_KEEP_ALL if kind == 'det' else []
+    run([sys.executable, tool, str(cfg), str(res['ckpt']), '--out-dir', str(out_dir), '--calib-batches', '2']
+        + keep_all, cwd=toy_root)
+    report = json.loads((out_dir / 'quantization_check.json').read_text())
+    assert metric in report['fp32'] and metric in report['int8']
+    assert abs(report['fp32'][metric] - last_metric(res['test'], metric)) < 1e-3  # the same evaluation as mim test
+    assert report['onnx_fp32_max_rel_diff'] < 1e-4
+    assert report['layers'] and all(r['layer'].startswith(('backbone.', 'neck.')) for r in report['layers'])
+    assert all(0 < r['int8_weight_error'] < 0.05 for r in report['layers'])
+    assert (out_dir / 'quantization_check.png').stat().st_size > 10_000
+    other = SEG_CFG if kind == 'det' else DET_CFG
+    bad = run([sys.executable, tool, str(other), str(res['ckpt']), '--out-dir', str(out_dir / 'bad')], cwd=toy_root,
+              check=False)
+    assert bad.returncode == 2 and 'fits neither' in bad.stderr, bad.stderr[-500:]
+
+
 def test_blocked_import_really_blocks(no_orepa_env, toy_root):
     out = run([sys.executable, '-c', 'import orepa_mm'], cwd=toy_root, env=no_orepa_env, check=False)
     assert out.returncode != 0 and 'blocked' in out.stderr
