@@ -87,7 +87,7 @@ def test_train_step_then_fuse_into_vanilla_class(case, kind):
 def test_init_weights_keeps_designed_scales():
     model = _mmdet().build(dict(type='ResNet', depth=50, conv_cfg=dict(type='OREPA')))
     model.init_weights()
-    scales = torch.tensor(OREPAKxKBranches.INIT_SCALES)
+    scales = torch.tensor([OREPAKxKBranches.INIT_SCALES[b] for b in OREPAKxKBranches.BRANCHES])
     kxk = [m for m in model.modules() if isinstance(m, OREPAKxKBranches)]
     assert kxk
     for m in kxk:
