@@ -103,3 +103,22 @@ def test_metric_value_counts_an_empty_evaluation_as_zero_and_refuses_a_missing_k
     assert value == 0.0 and 'no predictions' in note
     with pytest.raises(KeyError, match="det: the evaluation gave no 'mIoU'"):
         metric_value({'aAcc': 90.0}, 'mIoU', 'det')
+
+
+def test_quantization_benchmark_on_the_benchmarks_runs(bench: Dict[str, Any]) -> None:
+    """quantization_benchmark.py quantizes each trained run (fp32 vs INT8 with CocoMetric) and tabulates them."""
+    spec = importlib.util.spec_from_file_location('quantization_benchmark', SCRIPT.parent / 'quantization_benchmark.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = bench['out'] / 'quantization'
+    argv = ['--runs-dirs', str(bench['out'] / 'runs'), '--tasks', 'detector', '--variants', 'plain', 'orepa',
+            '--seeds', '0', '--calib-batches', '2', '--out-dir', str(out)]
+    assert tool.main(argv) == 0
+    results = json.loads((out / 'quantization_benchmark.json').read_text())['detector']
+    assert set(results) == {'plain', 'orepa'}
+    for runs in results.values():
+        (run, ) = runs
+        assert run['drop'] == pytest.approx(run['fp32'] - run['int8']) and 0 < run['mean_int8_weight_error'] < 0.05
+    table = (out / 'quantization_benchmark.md').read_text()
+    assert '| detector | plain | bbox mAP |' in table and '| detector | orepa | bbox mAP |' in table
+    assert tool.main(argv[:-2] + ['--seeds', '1', '--out-dir', str(out)]) == 2  # no such run: one clear error

@@ -22,6 +22,7 @@ import argparse
 import json
 import os.path as osp
 import sys
+import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -61,8 +62,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def measure(config: str, checkpoint: str) -> List[Dict[str, Any]]:
     """The per-layer records of the model of ``config`` with the weights of ``checkpoint``."""
-    cfg = load_config(config)
-    model = build_model(cfg)
+    with warnings.catch_warnings():  # the frameworks' import-time deprecation warnings
+        warnings.simplefilter('ignore')
+        cfg = load_config(config)
+        model = build_model(cfg)
     state = extract_state_dict(load_checkpoint_file(checkpoint), checkpoint)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:

@@ -38,6 +38,7 @@ import math
 import numbers
 import os.path as osp
 import sys
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -243,7 +244,9 @@ def plot(layers: List[Dict[str, Any]], title: str, path: str) -> None:
 def quantization_check(config: str, checkpoint: str, out_dir: str, calib_batches: int = 16,
                        cfg_options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Run the check (see the module docstring); returns the report."""
-    cfg = load_config(config, cfg_options)
+    with warnings.catch_warnings():  # the frameworks' import-time deprecation warnings
+        warnings.simplefilter('ignore')
+        cfg = load_config(config, cfg_options)
     cfg.work_dir = osp.join(out_dir, 'runner')
     cfg.load_from, cfg.resume = None, False
     cfg.pop('custom_hooks', None)
