@@ -127,11 +127,17 @@ def _numpy_core():
 
 def numpy_dtype_classes() -> List[type]:
     """Every numpy dtype class: the class of each scalar type's dtype in
-    ``np.sctypeDict``, and every dtype class in ``numpy.dtypes`` (numpy >= 1.25)."""
+    ``np.sctypeDict``, and every dtype class in ``numpy.dtypes`` (numpy >= 1.25).
+
+    numpy's own only: packages such as ``ml_dtypes`` (imported by onnx)
+    register extension dtypes in ``np.sctypeDict``; they are not what
+    mmengine checkpoints hold, and the allowlist must not depend on what
+    happens to be imported when it is built."""
     classes = {type(np.dtype(t)) for t in set(np.sctypeDict.values())}
     module = getattr(np, 'dtypes', None)
     if module is not None:
         classes |= {c for c in vars(module).values() if isinstance(c, type) and issubclass(c, np.dtype)}
+    classes = {c for c in classes if c.__module__.split('.')[0] == 'numpy'}
     return sorted(classes, key=lambda c: f'{c.__module__}.{c.__qualname__}')
 
 
