@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from mmengine.runner import Runner
 
-from orepa_mm.cli import EXIT_STATUS_HELP, tool_main
+from orepa_mm.cli import EXIT_STATUS_HELP, shutdown_distributed, tool_main
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train import add_runner_args, runner_config  # noqa: E402
@@ -31,7 +31,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     cfg = runner_config(args)
     cfg.load_from = args.checkpoint
-    Runner.from_cfg(cfg).test()
+    try:
+        Runner.from_cfg(cfg).test()
+    finally:
+        shutdown_distributed()
 
 
 if __name__ == '__main__':

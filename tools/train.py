@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 from mmengine.config import DictAction
 
-from orepa_mm.cli import EXIT_STATUS_HELP, build_runner, tool_main
+from orepa_mm.cli import EXIT_STATUS_HELP, build_runner, shutdown_distributed, tool_main
 from orepa_mm.config import load_config
 
 
@@ -77,7 +77,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.amp:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.loss_scale = 'dynamic'
-    build_runner(cfg).train()
+    try:
+        build_runner(cfg).train()
+    finally:
+        shutdown_distributed()
 
 
 if __name__ == '__main__':
