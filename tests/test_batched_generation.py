@@ -469,11 +469,9 @@ def _ddp_worker(rank: int, world: int, rendezvous: str, path: str) -> None:
     os._exit(0)
 
 
-@pytest.mark.timeout(300)
-def test_ddp_two_processes_match_one(tmp_path, per_layer):
-    path = str(tmp_path / 'ddp_grads.pt')
-    workers = mp.start_processes(_ddp_worker, args=(2, str(tmp_path / 'rendezvous'), path), nprocs=2,
-                                 join=False, start_method='spawn')
+def run_workers(worker, args: tuple, nprocs: int) -> None:
+    """Run ``worker(rank, *args)`` in ``nprocs`` spawned processes; kill any left when one fails."""
+    workers = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method='spawn')
     try:
         while not workers.join():
             pass
@@ -481,6 +479,12 @@ def test_ddp_two_processes_match_one(tmp_path, per_layer):
         for proc in workers.processes:
             if proc.is_alive():
                 proc.kill()
+
+
+@pytest.mark.timeout(300)
+def test_ddp_two_processes_match_one(tmp_path, per_layer):
+    path = str(tmp_path / 'ddp_grads.pt')
+    run_workers(_ddp_worker, (2, str(tmp_path / 'rendezvous'), path), nprocs=2)
     got = torch.load(path)
     per_layer()
     model = resnet()

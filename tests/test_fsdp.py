@@ -10,8 +10,7 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from test_batched_generation import assert_same_grads, grads, loss_of, per_layer, resnet  # noqa: F401  (per_layer: fixture)
+from test_batched_generation import assert_same_grads, grads, loss_of, per_layer, resnet, run_workers  # noqa: F401  (per_layer: fixture)
 
 STEPS = 3
 
@@ -53,15 +52,7 @@ def _fsdp_worker(rank: int, rendezvous: str, path: str) -> None:
 @pytest.mark.timeout(300)
 def test_fsdp_use_orig_params_matches_per_layer(tmp_path, per_layer):  # noqa: F811  (the fixture)
     path = str(tmp_path / 'fsdp.pt')
-    workers = mp.start_processes(_fsdp_worker, args=(str(tmp_path / 'rendezvous'), path), nprocs=1,
-                                 join=False, start_method='spawn')
-    try:
-        while not workers.join():
-            pass
-    finally:
-        for proc in workers.processes:
-            if proc.is_alive():
-                proc.kill()
+    run_workers(_fsdp_worker, (str(tmp_path / 'rendezvous'), path), nprocs=1)
     got = torch.load(path)
     per_layer()
     model = resnet()
