@@ -4,7 +4,7 @@ Importing the package (configs do it with ``custom_imports``):
 
 * registers the ``OREPA`` and ``DBB`` conv layers for ``conv_cfg``, and the
   ``OREPAResNet``/``DBBResNet`` backbones into every installed framework
-  (mmdet, mmseg);
+  (mmdet, mmseg, mmpretrain);
 * registers ``BranchSimilarityHook`` into mmengine's ``HOOKS``;
 * allowlists the globals of mmengine checkpoints for
   ``torch.load(weights_only=True)`` (see :mod:`orepa_mm.checkpoint`).

@@ -1,7 +1,7 @@
-"""Loading mmdet/mmseg configs for orepa_mm's tools: one function, one set of checks.
+"""Loading mmdet/mmseg/mmpretrain configs for orepa_mm's tools: one function, one set of checks.
 
-A config names its framework with ``default_scope`` (``mmdet`` or
-``mmseg``); that framework's modules are registered before anything is
+A config names its framework with ``default_scope`` (``mmdet``, ``mmseg``
+or ``mmpretrain``); that framework's modules are registered before anything is
 built, as ``mim`` and the frameworks' own ``tools/train.py`` do.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .cli import ToolError
 __all__ = ['ConfigError', 'FRAMEWORKS', 'load_config', 'model_registry', 'build_model']
 
 #: The ``default_scope`` values orepa_mm's tools accept.
-FRAMEWORKS = ('mmdet', 'mmseg')
+FRAMEWORKS = ('mmdet', 'mmseg', 'mmpretrain')
 
 
 class ConfigError(ToolError):

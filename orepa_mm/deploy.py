@@ -3,7 +3,7 @@ what the training-time model computes.
 
 :func:`orepa_mm.fuse_model` turns the modules into plain ones;
 :func:`deploy_config` turns the config into the one that builds them with
-vanilla mmdet/mmseg (no orepa_mm import); :func:`max_relative_gap` compares
+vanilla mmdet/mmseg/mmpretrain (no orepa_mm import); :func:`max_relative_gap` compares
 the two models' raw outputs.
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def reparam_conv_cfgs(node: Any, path: str = 'model') -> List[str]:
 
 
 def deploy_config(cfg: Config) -> Config:
-    """The config of ``cfg``'s fused model for vanilla mmdet/mmseg.
+    """The config of ``cfg``'s fused model for vanilla mmdet/mmseg/mmpretrain.
 
     Every re-param backbone and ``conv_cfg`` is replaced by its vanilla
     counterpart, the ``orepa_mm`` import is removed, and nothing is loaded
@@ -112,7 +112,7 @@ def _tensors(obj: Any) -> Iterable[torch.Tensor]:
 
 @torch.no_grad()
 def model_outputs(model: nn.Module, batch: dict) -> List[torch.Tensor]:
-    """The raw output tensors of an mmdet/mmseg model (``mode='tensor'``) on a
+    """The raw output tensors of an mmdet/mmseg/mmpretrain model (``mode='tensor'``) on a
     preprocessed batch; the features of a model without a tensor mode; the
     output of a plain module (no data preprocessor) on ``batch['inputs']``."""
     inputs, samples = batch['inputs'], batch.get('data_samples')

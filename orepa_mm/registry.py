@@ -1,10 +1,10 @@
 """Registration of orepa_mm's modules into the OpenMMLab 2.x registries.
 
 Conv layers go into mmengine's root ``MODELS`` (found from every scope, so
-``conv_cfg=dict(type='OREPA')`` works under mmdet and mmseg) and into the
+``conv_cfg=dict(type='OREPA')`` works under mmdet, mmseg and mmpretrain) and into the
 ``orepa_mm`` child registry (so ``type='orepa_mm.OREPA'`` works too).
-Backbones go into mmdet's and mmseg's own ``MODELS`` (their ResNets differ),
-each only when that framework is installed.
+Backbones go into mmdet's, mmseg's and mmpretrain's own ``MODELS`` (their
+ResNets differ), each only when that framework is installed.
 """
 from __future__ import annotations
 

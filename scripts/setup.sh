@@ -1,27 +1,29 @@
 #!/usr/bin/env bash
 # One-command, idempotent set-up of orepa_mm's environment in .venv/.
 #
-# Installs torch (kept if .venv already has one, e.g. a CUDA build), mmcv with
-# compiled ops (built from source when pip's cache has no wheel),
-# mmengine, mmdet, mmsegmentation, openmim, the test tools and orepa_mm itself
-# (editable).  A second run on a set-up machine only checks and exits.
+# Installs torch and torchvision (kept if .venv already has a working pair,
+# e.g. a CUDA build), mmcv with compiled ops (built from source when pip's
+# cache has no wheel), mmengine, mmdet, mmsegmentation, mmpretrain, openmim,
+# the test tools and orepa_mm itself (editable).  A second run on a set-up
+# machine only checks and exits.
 #
 # The exact versions come from requirements/constraints.txt (the one place
 # they are written); the supported ranges from the other requirements files.
 #
 # Environment knobs:
 #   PYTHON      interpreter used to create .venv (default: python3)
-#   TORCH_SPEC  pip requirement for torch when none is installed (default: the constraints' pin)
+#   VENV        the environment to set up (default: .venv in the repository)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="$ROOT/.venv"
+VENV="${VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 CONSTRAINTS="$ROOT/requirements/constraints.txt"
 PIP=("$PY" -m pip --disable-pip-version-check)
 STAMP="$VENV/.orepa_mm_setup"
 pin() { grep -E "^$1==" "$CONSTRAINTS" | head -n 1; }
-TORCH_SPEC="${TORCH_SPEC:-$(pin torch)}"
+TORCH_SPEC="$(pin torch)"
+TORCHVISION_SPEC="$(pin torchvision)"
 MMCV_SPEC="$(pin mmcv)"
 MMCV_VERSION="${MMCV_SPEC#mmcv==}"
 
@@ -37,7 +39,7 @@ want_stamp() {
 
 step="check existing environment"
 if [ -x "$PY" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(want_stamp)" ] \
-   && "$PY" -c "import torch, mmcv.ops, mmengine, mmdet, mmseg, mim, orepa_mm" 2>/dev/null; then
+   && "$PY" -c "import torch, torchvision, mmcv.ops, mmengine, mmdet, mmseg, mmpretrain, mim, orepa_mm" 2>/dev/null; then
   log "environment in .venv is up to date"
   exit 0
 fi
@@ -55,12 +57,29 @@ if [ ! -x "$PY" ]; then
   fi
 fi
 
-step="install torch"
-if "$PY" -c "import torch" 2>/dev/null; then
-  log "keeping installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
+step="install torch and torchvision"
+# mmpretrain imports torchvision, whose compiled ops must match torch's build.
+# A working pair (a GPU user's CUDA torch and torchvision) is kept.  Otherwise
+# the pinned pair is installed from the package index: a CPU-only torch file
+# that pip finds through a local find-links folder has no torchvision built
+# for it (the index's torchvision then fails at import with "operator
+# torchvision::nms does not exist"), so find-links is pointed at an empty
+# folder for this one install.  The index's x86_64 torch is a CUDA build
+# (about 5 GB with its libraries) that runs on the CPU as well.
+if "$PY" -c "import torch, torchvision" 2>/dev/null; then
+  log "keeping installed torch $("$PY" -c 'import torch; print(torch.__version__)') and torchvision $("$PY" -c 'import torchvision; print(torchvision.__version__)')"
+elif "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null \
+     && ! "$PY" -c "import torch; assert torch.__version__.split('+')[0] == '${TORCH_SPEC#torch==}'" 2>/dev/null; then
+  echo "setup.sh: .venv has torch $("$PY" -c 'import torch; print(torch.__version__)') (a CUDA build, kept) but no" \
+       "working torchvision; install the torchvision release made for that torch into .venv and rerun" >&2
+  exit 1
 else
-  log "installing $TORCH_SPEC"
-  "${PIP[@]}" install "$TORCH_SPEC"
+  NO_LINKS="$(mktemp -d)"
+  log "installing $TORCH_SPEC and $TORCHVISION_SPEC from the package index"
+  "${PIP[@]}" uninstall -q -y torch torchvision 2>/dev/null || true
+  PIP_FIND_LINKS="$NO_LINKS" "${PIP[@]}" install -q "$TORCH_SPEC" "$TORCHVISION_SPEC"
+  rmdir "$NO_LINKS"
+  "$PY" -c "import torchvision.ops" || { echo "torchvision installed but does not import" >&2; exit 1; }
 fi
 
 step="install $MMCV_SPEC with compiled ops"
@@ -83,22 +102,22 @@ else
   "$PY" -c "import mmcv.ops" || { echo "mmcv installed but mmcv.ops does not import" >&2; exit 1; }
 fi
 
-# The pins without torch's: the torch already installed (maybe a CUDA build) stays.
+# The pins without torch's and torchvision's: the pair installed above (maybe a user's CUDA build) stays.
 PINS="$VENV/.orepa_mm_constraints"
-grep -v -E '^torch==' "$CONSTRAINTS" > "$PINS"
+grep -v -E '^(torch|torchvision)==' "$CONSTRAINTS" > "$PINS"
 
 # From here on: torch 2.13 asks for setuptools>=77.0.3, while mim imports
 # pkg_resources, which setuptools 82 removed.
 SETUPTOOLS='setuptools>=77.0.3,<82'
 
 step="install OpenMMLab frameworks and tools"
-"${PIP[@]}" install -q -c "$PINS" mmengine mmdet mmsegmentation openmim ftfy regex "$SETUPTOOLS"
+"${PIP[@]}" install -q -c "$PINS" mmengine mmdet mmsegmentation mmpretrain openmim ftfy regex "$SETUPTOOLS"
 
 step="install orepa_mm (editable) with test extras"
 "${PIP[@]}" install -q --no-build-isolation -c "$PINS" -e "$ROOT[all]" "$SETUPTOOLS"
 
 step="verify imports"
-"$PY" -c "import torch, mmcv, mmcv.ops, mmengine, mmdet, mmseg, mim, orepa_mm; print('torch', torch.__version__, '| mmcv', mmcv.__version__, '| mmdet', mmdet.__version__, '| mmseg', mmseg.__version__, '| orepa_mm', orepa_mm.__version__)"
+"$PY" -c "import torch, torchvision, mmcv, mmcv.ops, mmengine, mmdet, mmseg, mmpretrain, mim, orepa_mm; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| mmcv', mmcv.__version__, '| mmdet', mmdet.__version__, '| mmseg', mmseg.__version__, '| mmpretrain', mmpretrain.__version__, '| orepa_mm', orepa_mm.__version__)"
 
 want_stamp > "$STAMP"
 log "done"

@@ -98,12 +98,13 @@ def device(request) -> Iterator[torch.device]:
 
 @pytest.fixture(scope='session')
 def toy_root(tmp_path_factory) -> Path:
-    """A working directory holding ``data/toy/{coco,cityscapes}`` (small sets),
-    so configs with ``data_root='data/toy/...'`` run from it unchanged."""
+    """A working directory holding ``data/toy/{coco,cityscapes,imagenet}``
+    (small sets), so configs with ``data_root='data/toy/...'`` run from it unchanged."""
     from orepa_mm import toy_data as toy
     root = tmp_path_factory.mktemp('toywork')
     toy.make_coco(root / 'data' / 'toy' / 'coco', 16, 8, 160, 0)
     toy.make_cityscapes(root / 'data' / 'toy' / 'cityscapes', 8, 4, (128, 256), 0)
+    toy.make_imagenet(root / 'data' / 'toy' / 'imagenet', 48, 24, 64, 0)
     return root
 
 

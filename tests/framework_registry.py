@@ -7,12 +7,15 @@ from typing import Any, Dict, Iterable, Set
 
 
 def registries() -> Dict[str, Any]:
-    """``{'mmdet': MODELS, 'mmseg': MODELS}`` with every model registered."""
+    """``{'mmdet': MODELS, 'mmseg': MODELS, 'mmpretrain': MODELS}`` with every
+    model registered."""
     import mmdet.models  # noqa: F401 - registers the models
+    import mmpretrain.models  # noqa: F401
     import mmseg.models  # noqa: F401
     from mmdet.registry import MODELS as MMDET_MODELS
+    from mmpretrain.registry import MODELS as MMPRETRAIN_MODELS
     from mmseg.registry import MODELS as MMSEG_MODELS
-    return {'mmdet': MMDET_MODELS, 'mmseg': MMSEG_MODELS}
+    return {'mmdet': MMDET_MODELS, 'mmseg': MMSEG_MODELS, 'mmpretrain': MMPRETRAIN_MODELS}
 
 
 def takes_conv_cfg(cls: type) -> bool:

@@ -404,3 +404,54 @@ def test_script_exit_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap
     assert exc.value.code == 2
     assert 'checkpoint not found' in capsys.readouterr().err
     assert not dst.exists()
+
+
+# -- the whole classifier, in mmpretrain's format ----------------------------------------------------------
+CLASSIFIER_CASES = {'r18-train': ('official_orepa_resnet18_train_keys.tsv', 18),
+                    'r50-train': ('official_orepa_resnet50_train_keys.tsv', 50),
+                    'r50-deploy': ('official_orepa_resnet50_deploy_keys.tsv', 50)}
+
+
+@pytest.mark.parametrize('fused', [False, True], ids=['orepa', 'fused'])
+@pytest.mark.parametrize('case', sorted(CLASSIFIER_CASES))
+def test_classifier_logits_float64(case: str, fused: bool, tmp_path: Path, capsys) -> None:
+    """``--classifier`` writes an mmpretrain ``ImageClassifier`` whose logits, in float64, are the reference
+    model's (its backbone as derived above, then global average pooling and ``linear``) within 1e-6 of their
+    scale; the checkpoint's ``meta['model']`` builds that classifier."""
+    from mmpretrain.registry import MODELS as MMPRETRAIN_MODELS
+
+    layout, depth = CLASSIFIER_CASES[case]
+    sd = {k: v.double() if v.is_floating_point() else v
+          for k, v in synth_reference(layout, seed=depth + len(case)).items()}
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    if case.endswith('deploy'):
+        backbone = expected_deploy_model(sd, depth).double()
+    else:
+        backbone = expected_train_model(sd, depth, ResNet(depth=depth).double())
+    expected = run(backbone, x)[-1].mean((2, 3)) @ sd['linear.weight'].T + sd['linear.bias']
+
+    src, dst = tmp_path / 'ref.pth.tar', tmp_path / 'classifier.pth'
+    torch.save({'state_dict': {f'module.{k}': v for k, v in sd.items()}}, src)
+    code, out, err = cli([src, dst, '--classifier'] + (['--fused'] if fused else []), capsys)
+    assert code == 0, err
+    assert 'ImageClassifier' in out
+    ckpt = torch.load(dst, weights_only=True)
+    assert ckpt['meta']['dropped_keys'] == []
+    model = MMPRETRAIN_MODELS.build(ckpt['meta']['model']).double()
+    assert type(model.backbone).__name__ == ('ResNet' if fused else 'OREPAResNet')
+    model.load_state_dict(ckpt['state_dict'], strict=True)
+    model.eval()
+    with torch.no_grad():
+        logits = model(x, mode='tensor')
+    assert logits.shape == (2, sd['linear.weight'].shape[0])
+    scale = expected.abs().max().item()
+    assert (logits - expected).abs().max().item() <= 1e-6 * scale
+
+
+def test_classifier_needs_the_linear_layer(r18: Dict) -> None:
+    headless = {k: v for k, v in r18['sd'].items() if not k.startswith('linear.')}
+    with pytest.raises(crc.ConversionError, match='no classifier'):
+        crc.convert(headless, classifier=True)
+    wrong = dict(r18['sd'], **{'linear.weight': torch.zeros(10, 2048)})
+    with pytest.raises(crc.ConversionError, match='do not fit a ResNet-18 classifier'):
+        crc.convert(wrong, classifier=True)

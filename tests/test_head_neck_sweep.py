@@ -1,4 +1,4 @@
-"""Which necks and heads of mmdet and mmseg pass ``conv_cfg`` on to their convs.
+"""Which necks and heads of mmdet, mmseg and mmpretrain pass ``conv_cfg`` on to their convs.
 
 Every class registered in the frameworks' ``MODELS`` from their neck and head
 packages whose constructor takes ``conv_cfg`` is built tiny with
@@ -8,6 +8,7 @@ or fails to build with it (:data:`REFUSES`, also in the README).  A class
 that the sweep cannot build is listed in :data:`NOT_SWEPT` with the reason.
 A framework version that adds a class, removes one, or starts or stops
 passing ``conv_cfg`` on fails a test here, so the README's lists stay true.
+(mmpretrain 1.2.0 has no neck or head that takes ``conv_cfg``.)
 (Training and fusing the heads that use OREPA is ``test_necks_heads.py``'s
 job; this sweep only builds.)
 """
@@ -23,7 +24,7 @@ from mmengine.registry import DefaultScope
 import orepa_mm
 from framework_registry import discover, registries
 
-PACKAGES = ('necks', 'dense_heads', 'roi_heads', 'decode_heads', 'seg_heads')
+PACKAGES = ('necks', 'dense_heads', 'roi_heads', 'decode_heads', 'seg_heads', 'heads')  # heads: mmpretrain's
 C4 = [8, 16, 32, 64]
 _DENSE = dict(num_classes=3, in_channels=32, feat_channels=32, stacked_convs=1)  # 32: GN's default groups
 _DECODE = dict(in_channels=16, channels=8, num_classes=3)

@@ -99,7 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise ToolError(str(err)) from err
     from orepa_mm.toy_data.jobs import TOY_JOBS
     results = {name: run_job(name, job.config('orepa'), job.metric, args.work_dir, args.max_iters)
-               for name, job in TOY_JOBS.items()}
+               for name, job in TOY_JOBS.items() if job.in_demo}
     print('\n==== orepa_mm demo: OREPA models trained on the toy data, then fused ====')
     print(f'{"model":<10} {"metric":<14} {"unfused":>8} {"fused":>8} {"train s":>8} {"layers":>7} '
           f'{"max |fused-unfused| / |out|":>28}')

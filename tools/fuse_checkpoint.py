@@ -8,7 +8,7 @@ OREPA/DBB layer anywhere in the model (backbone, neck, heads) by its plain
 conv with ``orepa_mm.fuse_model_with_report`` and writes
 
 * ``OUT_DIR/<name>_fused.pth``: an mmengine checkpoint (``state_dict`` and
-  ``meta``, no optimizer state) that vanilla mmdet/mmseg load;
+  ``meta``, no optimizer state) that vanilla mmdet/mmseg/mmpretrain load;
 * ``OUT_DIR/<name>_fused.py``: the deploy config, with every OREPA/DBB
   backbone and every re-param ``conv_cfg`` (backbone, neck, heads) replaced
   by the vanilla one, no ``orepa_mm`` import and no pretrained
@@ -23,7 +23,8 @@ samples of the config's test set (random input if it cannot be loaded) and
 exits non-zero when the largest relative difference exceeds 1e-5.
 ``--onnx`` exports what it can of the fused model: the backbone, backbone +
 neck, and backbone + neck + the dense head (mmdet's single-stage and RPN
-heads, mmseg's decode head) up to their raw outputs; each export is checked
+heads, mmseg's decode head, mmpretrain's classifier head) up to their raw
+outputs (the logits for a classifier); each export is checked
 with onnxruntime against PyTorch, and the tool says what it left out (the
 parts that failed to export, RoI heads, auxiliary heads, post-processing).
 
@@ -124,8 +125,9 @@ def _flat(obj: Any) -> List[torch.Tensor]:
     return []
 
 
-#: Heads that run on the (neck's) features alone, by attribute name.
-DENSE_HEADS = ('bbox_head', 'decode_head', 'rpn_head')
+#: Heads that run on the (neck's) features alone, by attribute name
+#: (``head``: mmpretrain's classifier head, features to logits).
+DENSE_HEADS = ('bbox_head', 'decode_head', 'rpn_head', 'head')
 #: Parts an export never holds, and why.
 NOT_EXPORTED = {'roi_head': 'needs proposals and RoI ops', 'auxiliary_head': 'training only',
                 'mask_head': 'needs RoIs'}
@@ -144,7 +146,8 @@ def onnx_parts(fused: nn.Module) -> Tuple[Dict[str, nn.Module], List[str]]:
     if head_name is not None:
         parts[f'backbone_{"neck_" if neck is not None else ""}{head_name}'] = _Chain(*chain, getattr(fused, head_name))
     left_out = [f'{name} ({why})' for name, why in NOT_EXPORTED.items() if getattr(fused, name, None) is not None]
-    left_out.append('post-processing (box decoding and NMS, or resizing to the image): not part of the raw outputs')
+    left_out.append('post-processing (box decoding and NMS, resizing to the image, or the classifier\'s softmax): '
+                    'not part of the raw outputs')
     return parts, left_out
 
 

@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint of an mmdet or mmseg config with mmengine's Runner.
+"""Evaluate a checkpoint of an mmdet, mmseg or mmpretrain config with mmengine's Runner.
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR]
     bash tools/dist_test.sh CONFIG CHECKPOINT 2

@@ -1,4 +1,4 @@
-"""Train an mmdet or mmseg config with mmengine's Runner (for users without mim).
+"""Train an mmdet, mmseg or mmpretrain config with mmengine's Runner (for users without mim).
 
     python tools/train.py configs/toy/fcos_r18w32-orepa_fpn_600i_toy-coco.py
     bash tools/dist_train.sh CONFIG 2          # two processes (gloo on CPU, nccl on GPUs)
@@ -19,7 +19,7 @@ from orepa_mm.config import load_config
 
 def add_runner_args(parser: argparse.ArgumentParser) -> None:
     """The arguments tools/train.py and tools/test.py share (as in OpenMMLab's own tools)."""
-    parser.add_argument('config', help='config file (mmdet or mmseg)')
+    parser.add_argument('config', help='config file (mmdet, mmseg or mmpretrain)')
     parser.add_argument('--work-dir', help='where logs and checkpoints go (default ./work_dirs/<config name>)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override settings, e.g. train_cfg.max_iters=10')

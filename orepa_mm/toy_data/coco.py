@@ -26,14 +26,14 @@ from .common import (
     PathLike,
     Polygon,
     atomic_dir,
+    calm_background,
     check_split_args,
-    ellipse_points,
     image_rng,
     polygon_area,
     polygon_mask,
     progress,
+    shape_polygon,
     to_uint8,
-    upsampled_noise,
     write_stamp,
 )
 
@@ -69,46 +69,6 @@ COCO_DEFAULT_SPLITS = (600, 60)
 COCO_DEFAULT_SIZE = 128
 
 
-def _coco_background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A float RGB background: a colour gradient, smooth blotches and pixel noise.
-
-    Kept calmer than the objects (no stripes or sharp edges), so that edges
-    belong to objects and a small detector learns them in minutes.
-    """
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
-    c0, c1 = rng.uniform(0, 255, size=(2, 3))
-    angle = rng.uniform(0, 2 * math.pi)
-    t = xx * math.cos(angle) + yy * math.sin(angle)
-    t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
-    img = c0 + (c1 - c0) * t[..., None]
-    img += rng.uniform(0, 30) * upsampled_noise(rng, size, size, int(rng.integers(2, 6)), 3)
-    img += rng.normal(0.0, rng.uniform(2.0, 8.0), size=img.shape)
-    return img
-
-
-def _shape_polygon(rng: np.random.Generator, shape: str, extent: float) -> Polygon:
-    """A polygon of ``shape`` whose bounding box has largest side ``extent``, with its box at the origin."""
-    aspect = math.exp(rng.uniform(math.log(1 / 2), math.log(2)))  # width / height
-    if shape == 'rectangle':
-        w, h = (extent, extent / aspect) if aspect >= 1 else (extent * aspect, extent)
-        pts: Polygon = [(0.0, 0.0), (w, 0.0), (w, h), (0.0, h)]
-    elif shape == 'ellipse':
-        pts = ellipse_points(0.0, 0.0, aspect, 1.0, rng.uniform(0, math.pi), num=int(np.clip(extent, 12, 40)))
-    elif shape == 'triangle':
-        base = np.deg2rad(np.array([-90.0, 30.0, 150.0]) + rng.uniform(-15, 15, size=3))
-        radius = rng.uniform(0.8, 1.0, size=3)
-        x, y = aspect * radius * np.cos(base), radius * np.sin(base)
-        rot = rng.uniform(0, 2 * math.pi)
-        ca, sa = math.cos(rot), math.sin(rot)
-        pts = [(xi * ca - yi * sa, xi * sa + yi * ca) for xi, yi in zip(x, y)]
-    else:
-        raise ValueError(f'unknown shape {shape!r}')
-    arr = np.asarray(pts, dtype=np.float64)
-    arr -= arr.min(axis=0)
-    arr *= extent / max(float(arr.max()), 1e-6)
-    return [(float(x), float(y)) for x, y in arr]
-
-
 def _object_texture(rng: np.random.Generator, size: int, background_mean: np.ndarray) -> np.ndarray:
     """A float RGB fill for one object: a random colour (kept apart from the background) with texture."""
     colour = rng.uniform(0, 255, size=3)
@@ -130,7 +90,7 @@ def _object_texture(rng: np.random.Generator, size: int, background_mean: np.nda
 
 def _coco_image(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, List[Tuple[int, Polygon]]]:
     """Render one detection image; return it (uint8 HWC) and its objects as ``(category_id, polygon)``."""
-    img = _coco_background(rng, size)
+    img = calm_background(rng, size)
     cat_ids = sorted(COCO_TOY_SHAPES)
     min_extent, max_extent = max(0.15 * size, 6.0), max(0.5 * size, 8.0)
     num_objects = int(rng.integers(1, MAX_OBJECTS + 1))
@@ -142,7 +102,7 @@ def _coco_image(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, List[T
     centres: List[Tuple[float, float, float]] = []
     for extent in extents:
         cat_id = int(cat_ids[int(rng.integers(len(cat_ids)))])
-        poly = _shape_polygon(rng, COCO_TOY_SHAPES[cat_id], extent)
+        poly = shape_polygon(rng, COCO_TOY_SHAPES[cat_id], extent)
         arr = np.asarray(poly)
         bw, bh = arr.max(axis=0)
         for _ in range(20):

@@ -1,5 +1,5 @@
-"""What both toy sets share: seeded random streams, polygon and noise helpers,
-writing a folder atomically, and progress output."""
+"""What the toy sets share: seeded random streams, shapes, backgrounds, polygon
+and noise helpers, writing a folder atomically, and progress output."""
 from __future__ import annotations
 
 import json
@@ -23,6 +23,7 @@ Polygon = List[Tuple[float, float]]
 #: ``subset`` coordinate of each set in :func:`image_rng`.
 COCO_SUBSET = 0
 CITY_SUBSET = 1
+IMAGENET_SUBSET = 2
 JPEG_QUALITY = 90
 PNG_COMPRESS_LEVEL = 6
 #: Version of what the generators draw; bumped whenever the images change, so
@@ -75,6 +76,46 @@ def upsampled_noise(rng: np.random.Generator, height: int, width: int, cells: in
     top = grid[y0][:, x0] * (1 - fx) + grid[y0][:, x0 + 1] * fx
     bottom = grid[y0 + 1][:, x0] * (1 - fx) + grid[y0 + 1][:, x0 + 1] * fx
     return top * (1 - fy) + bottom * fy
+
+
+def calm_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A float RGB background: a colour gradient, smooth blotches and pixel noise.
+
+    Kept calmer than the objects (no stripes or sharp edges), so that edges
+    belong to objects and a small detector learns them in minutes.
+    """
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
+    c0, c1 = rng.uniform(0, 255, size=(2, 3))
+    angle = rng.uniform(0, 2 * math.pi)
+    t = xx * math.cos(angle) + yy * math.sin(angle)
+    t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
+    img = c0 + (c1 - c0) * t[..., None]
+    img += rng.uniform(0, 30) * upsampled_noise(rng, size, size, int(rng.integers(2, 6)), 3)
+    img += rng.normal(0.0, rng.uniform(2.0, 8.0), size=img.shape)
+    return img
+
+
+def shape_polygon(rng: np.random.Generator, shape: str, extent: float) -> Polygon:
+    """A polygon of ``shape`` whose bounding box has largest side ``extent``, with its box at the origin."""
+    aspect = math.exp(rng.uniform(math.log(1 / 2), math.log(2)))  # width / height
+    if shape == 'rectangle':
+        w, h = (extent, extent / aspect) if aspect >= 1 else (extent * aspect, extent)
+        pts: Polygon = [(0.0, 0.0), (w, 0.0), (w, h), (0.0, h)]
+    elif shape == 'ellipse':
+        pts = ellipse_points(0.0, 0.0, aspect, 1.0, rng.uniform(0, math.pi), num=int(np.clip(extent, 12, 40)))
+    elif shape == 'triangle':
+        base = np.deg2rad(np.array([-90.0, 30.0, 150.0]) + rng.uniform(-15, 15, size=3))
+        radius = rng.uniform(0.8, 1.0, size=3)
+        x, y = aspect * radius * np.cos(base), radius * np.sin(base)
+        rot = rng.uniform(0, 2 * math.pi)
+        ca, sa = math.cos(rot), math.sin(rot)
+        pts = [(xi * ca - yi * sa, xi * sa + yi * ca) for xi, yi in zip(x, y)]
+    else:
+        raise ValueError(f'unknown shape {shape!r}')
+    arr = np.asarray(pts, dtype=np.float64)
+    arr -= arr.min(axis=0)
+    arr *= extent / max(float(arr.max()), 1e-6)
+    return [(float(x), float(y)) for x, y in arr]
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:

@@ -7,10 +7,11 @@ from typing import Callable, Dict, List
 from .cityscapes import make_cityscapes
 from .coco import make_coco
 from .common import GENERATOR_VERSION, PathLike, is_nonempty_dir, read_stamp
+from .imagenet import make_imagenet
 
 __all__ = ['ensure_toy_data', 'StaleToyDataError']
 
-_MAKERS: Dict[str, Callable[..., dict]] = {'coco': make_coco, 'cityscapes': make_cityscapes}
+_MAKERS: Dict[str, Callable[..., dict]] = {'coco': make_coco, 'cityscapes': make_cityscapes, 'imagenet': make_imagenet}
 
 
 class StaleToyDataError(RuntimeError):
@@ -18,7 +19,7 @@ class StaleToyDataError(RuntimeError):
 
 
 def ensure_toy_data(data_root: PathLike = 'data/toy', verbose: bool = True) -> List[str]:
-    """Write ``<data_root>/coco`` and ``<data_root>/cityscapes`` with the
+    """Write ``<data_root>/coco``, ``<data_root>/cityscapes`` and ``<data_root>/imagenet`` with the
     default sizes (the ones the toy configs are tuned for) where missing.
 
     An existing set is kept: when its stamp says another generator version

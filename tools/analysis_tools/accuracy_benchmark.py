@@ -1,10 +1,10 @@
 """Accuracy of plain, DBB and OREPA models on the toy tasks, over several seeds.
 
-    python tools/analysis_tools/accuracy_benchmark.py --tasks detector segmentor --variants plain dbb orepa \\
-        --seeds 0 1 2 --out-dir work_dirs/accuracy_benchmark
+    python tools/analysis_tools/accuracy_benchmark.py --tasks detector segmentor classifier \\
+        --variants plain dbb orepa --seeds 0 1 2 --out-dir work_dirs/accuracy_benchmark
 
-Trains every toy task of ``orepa_mm.toy_data.jobs.TOY_JOBS`` (the detector
-and the segmentor) in every variant with the same seeded schedule, once per
+Trains every toy task of ``orepa_mm.toy_data.jobs.TOY_JOBS`` (the detector,
+the segmentor and the classifier) in every variant with the same seeded schedule, once per
 seed, each run with mmengine's Runner in a process of its own (so that its
 memory peak is its own), deterministic given the seed (mmengine's
 ``randomness`` with ``deterministic=True``, and the training sampler's seed,
@@ -12,7 +12,7 @@ which fixes the data order).  Runs go seed by seed, the variants alternating,
 so that partial results compare like with like.
 
 Reports per task and variant the mean and standard deviation over the seeds
-of the task's metric (bbox mAP, mIoU), of the training time and of the peak
+of the task's metric (bbox mAP, mIoU, top-1), of the training time and of the peak
 memory (resident set of the run's process; on CUDA also
 ``torch.cuda.max_memory_allocated``), and every seed's value: JSON (all runs,
 the summary, metadata), Markdown and a PNG chart in ``--out-dir``; the table

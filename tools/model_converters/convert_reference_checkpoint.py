@@ -1,4 +1,4 @@
-"""Convert the authors' OREPA ImageNet ResNet checkpoints into the layout of an mmdet/mmseg ResNet.
+"""Convert the authors' OREPA ImageNet ResNet checkpoints into the layout of an OpenMMLab ResNet or classifier.
 
 The reference code (JUGGHM/OREPA_CVPR2022) publishes ``.pth.tar`` files of OREPA ResNet-18/34/50/101, a dict
 with ``state_dict`` whose keys usually carry a ``module.`` prefix.  This tool reads such a file (training form,
@@ -9,11 +9,16 @@ mmengine-style checkpoint ``{'state_dict': ..., 'meta': ...}`` for
   branch parameters map one to one onto :class:`orepa_mm.layers.OREPAConv2d`, so the result computes what the
   reference model computes and can be trained further as OREPA;
 * ``ResNet(depth=D)`` (vanilla, ``conv_cfg=None``) with ``--fused``: every layer's generated kernel (for the
-  stem the reference's cross-correlated 7x7 kernel) and its BN unchanged.
+  stem the reference's cross-correlated 7x7 kernel) and its BN unchanged;
+* with ``--classifier``, either of them as an mmpretrain ``ImageClassifier`` (``backbone.*``, plus the
+  reference's ``linear`` as ``head.fc`` of a ``LinearClsHead`` after ``GlobalAveragePooling``), which
+  ``mim test mmpretrain`` evaluates with the matching config of ``configs/mmpretrain/`` (the ``-orepa`` one,
+  or the ``-plain`` one for ``--fused``).  Without it the output is backbone-only, the ``init_cfg``
+  checkpoint of mmdet/mmseg/mmpretrain backbones.
 
 Usage::
 
-    python tools/model_converters/convert_reference_checkpoint.py SRC DST [--fused] [--force]
+    python tools/model_converters/convert_reference_checkpoint.py SRC DST [--fused] [--classifier] [--force]
 
 Mapping, per reference layer (``v`` is the reference ``vector``):
 
@@ -50,7 +55,8 @@ Mapping, per reference layer (``v`` is the reference ``vector``):
   (running mean 0, running var 1, weight ``sqrt(1 + eps)``, bias = the conv bias, ``eps = 1e-5``).
 * Names: ``stage0.conv1`` -> ``conv1``; ``stage{s}.{b}.conv{j}`` -> ``layer{s}.{b}.conv{j}``;
   ``stage{s}.{b}.shortcut`` -> ``layer{s}.{b}.downsample.0``.  ``linear.*`` (the ImageNet classifier) is
-  dropped and reported.
+  dropped and reported, or with ``--classifier`` becomes ``head.fc.*`` (the same matrix and bias: the
+  reference pools globally before it, as ``GlobalAveragePooling`` does).
 
 The depth (18, 34, 50, 101, 152) is detected from the number of blocks per stage and the block type.  Any
 other key, a missing key or a wrong shape is an error: nothing is written.  The output is written atomically
@@ -80,7 +86,7 @@ from orepa_mm.layers.orepa import build_branches
 
 __all__ = ['ConversionError', 'Conversion', 'convert', 'detect_depth', 'layer_specs', 'main']
 
-#: BatchNorm eps of the reference model and of mmdet/mmseg ResNets.
+#: BatchNorm eps of the reference model and of mmdet/mmseg/mmpretrain ResNets.
 BN_EPS = 1e-5
 #: Seed of the fixed draws used for branches a checkpoint does not determine.
 FILL_SEED = 0
@@ -126,17 +132,29 @@ class Conversion:
     stem_mapping: Optional[str]
     layer_kinds: Counter = field(default_factory=Counter)
     dropped_keys: List[str] = field(default_factory=list)
+    #: Classes of the classifier head, when the state dict is a whole ``ImageClassifier``'s.
+    num_classes: Optional[int] = None
 
     @property
     def target(self) -> str:
         """Registry name of the backbone the state dict is for."""
         return 'ResNet' if self.fused else 'OREPAResNet'
 
+    def model_config(self) -> Dict[str, Any]:
+        """The mmpretrain model the state dict loads into (its backbone alone without a head)."""
+        backbone = dict(type=self.target, depth=self.depth)
+        if self.num_classes is None:
+            return backbone
+        width = 512 * (4 if ARCH[self.depth][0] == 'bottleneck' else 1)
+        return dict(type='ImageClassifier', backbone=dict(backbone, num_stages=4, out_indices=(3, )),
+                    neck=dict(type='GlobalAveragePooling'),
+                    head=dict(type='LinearClsHead', num_classes=self.num_classes, in_channels=width))
+
     def meta(self, source: str) -> Dict[str, Any]:
         """The checkpoint's ``meta`` entry: where it came from and what it is for."""
         return dict(source=source, depth=self.depth, form=self.form, fused=self.fused, target=self.target,
-                    backbone=dict(type=self.target, depth=self.depth), stem_mapping=self.stem_mapping,
-                    dropped_keys=list(self.dropped_keys), converter=CONVERTER,
+                    backbone=dict(type=self.target, depth=self.depth), model=self.model_config(),
+                    stem_mapping=self.stem_mapping, dropped_keys=list(self.dropped_keys), converter=CONVERTER,
                     orepa_mm_version=orepa_mm.__version__)
 
     def summary(self) -> str:
@@ -144,7 +162,9 @@ class Conversion:
         lines = [f'detected: reference OREPA ResNet-{self.depth}, {self.form} form',
                  f'converted {sum(self.layer_kinds.values())} conv layers ({kinds}) and their BNs',
                  f'target: backbone=dict(type={self.target!r}, depth={self.depth})'
-                 + ('' if self.fused else ", i.e. mmdet/mmseg ResNet with conv_cfg=dict(type='OREPA')")]
+                 + ('' if self.fused else ", i.e. an OpenMMLab ResNet with conv_cfg=dict(type='OREPA')")]
+        if self.num_classes is not None:
+            lines.append(f'classifier: mmpretrain ImageClassifier, backbone.* + head.fc ({self.num_classes} classes)')
         if self.stem_mapping:
             lines.append(f'stem: {self.stem_mapping}')
         dropped = ', '.join(self.dropped_keys) + ' (the ImageNet classifier)' if self.dropped_keys else 'none'
@@ -443,13 +463,31 @@ def _refuse_unexpected(keys: Sequence[str], depth: int) -> None:
                               f'{", ".join(sorted(keys)[:8])}{more}')
 
 
-def convert(checkpoint: Any, fused: bool = False) -> Conversion:
+def _classifier_state(state: Mapping[str, Tensor], backbone: Dict[str, Tensor], depth: int
+                      ) -> Tuple[Dict[str, Tensor], int]:
+    """The ``ImageClassifier`` state dict: the backbone under ``backbone.``, ``linear`` as ``head.fc``."""
+    width = 512 * (4 if ARCH[depth][0] == 'bottleneck' else 1)
+    weight, bias = state.get('linear.weight'), state.get('linear.bias')
+    if weight is None or bias is None:
+        raise ConversionError('the checkpoint has no classifier (linear.weight and linear.bias): convert it '
+                              'without --classifier, as a backbone')
+    if weight.dim() != 2 or weight.shape[1] != width or tuple(bias.shape) != (weight.shape[0], ):
+        raise ConversionError(f'linear.weight {tuple(weight.shape)} / linear.bias {tuple(bias.shape)} do not fit '
+                              f'a ResNet-{depth} classifier (expected (classes, {width}) and (classes,))')
+    out = {f'backbone.{k}': v for k, v in backbone.items()}
+    out['head.fc.weight'], out['head.fc.bias'] = weight.contiguous(), bias.contiguous()
+    return out, int(weight.shape[0])
+
+
+def convert(checkpoint: Any, fused: bool = False, classifier: bool = False) -> Conversion:
     """Convert a loaded reference checkpoint (or its state dict) in memory.
 
     Args:
         checkpoint: the object ``torch.load`` returned: ``{'state_dict': ...}`` or a bare state dict, keys with
             or without ``module.``.
         fused: produce a vanilla ``ResNet`` state dict (generated kernels) instead of an ``OREPAResNet`` one.
+        classifier: produce the whole mmpretrain ``ImageClassifier`` (``backbone.*`` and ``head.fc.*``)
+            instead of the backbone alone.
 
     Raises:
         ConversionError: unknown layout, missing or unexpected keys, wrong shapes, unsupported depth.
@@ -484,19 +522,27 @@ def convert(checkpoint: Any, fused: bool = False) -> Conversion:
     dropped = [key for key in rest if key.startswith(DROPPED_PREFIXES)]
     _refuse_unexpected([key for key in rest if key not in dropped], depth)
     form = forms.pop() if len(forms) == 1 else 'mixed'
-    return Conversion(out, depth, form, fused, None if fused else stem_mapping, kinds, dropped)
+    num_classes = None
+    if classifier:
+        out, num_classes = _classifier_state(state, out, depth)
+        dropped = []
+    return Conversion(out, depth, form, fused, None if fused else stem_mapping, kinds, dropped, num_classes)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of the tool."""
     parser = argparse.ArgumentParser(
         description='Convert an official OREPA ResNet checkpoint (JUGGHM/OREPA_CVPR2022, training or deploy '
-                    'form) to an mmdet/mmseg OREPAResNet (default) or vanilla ResNet (--fused) checkpoint.',
+                    'form) to an OpenMMLab OREPAResNet (default) or vanilla ResNet (--fused) checkpoint, '
+                    'backbone-only (default) or an mmpretrain ImageClassifier (--classifier).',
         epilog=EXIT_STATUS_HELP)
     parser.add_argument('src', help='reference checkpoint (.pth.tar or .pth)')
     parser.add_argument('dst', help='output checkpoint (.pth)')
     parser.add_argument('--fused', action='store_true',
                         help='write a vanilla ResNet (conv_cfg=None) with the generated kernels')
+    parser.add_argument('--classifier', action='store_true',
+                        help='write the whole mmpretrain ImageClassifier (backbone.* and the ImageNet head as '
+                             'head.fc.*) instead of the backbone alone')
     parser.add_argument('--force', action='store_true', help='overwrite DST if it exists')
     return parser
 
@@ -509,7 +555,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise ConversionError(f'{args.dst} is a directory; give the output file name')
     if os.path.exists(args.dst) and not args.force:
         raise ConversionError(f'{args.dst} exists; pass --force to overwrite it')
-    result = convert(load_checkpoint_file(args.src), fused=args.fused)
+    result = convert(load_checkpoint_file(args.src), fused=args.fused, classifier=args.classifier)
     save_atomic({'state_dict': result.state_dict, 'meta': result.meta(os.path.abspath(args.src))}, args.dst)
     print(result.summary())
     print(f'wrote {args.dst}')

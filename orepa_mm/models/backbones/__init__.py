@@ -1,6 +1,6 @@
 """Re-param ResNet backbones, registered into each installed framework.
 
-mmdet and mmseg are optional: each framework's backbones are defined (and
+mmdet, mmseg and mmpretrain are optional: each framework's backbones are defined (and
 its model package imported) only when that framework is installed.
 """
 import importlib
@@ -16,7 +16,7 @@ def register_backbones() -> list:
 
     Returns the names of the frameworks registered."""
     done = []
-    for framework in ('mmdet', 'mmseg'):
+    for framework in ('mmdet', 'mmseg', 'mmpretrain'):
         if importlib.util.find_spec(framework) is not None:
             importlib.import_module(f'{__name__}.{framework}_resnet')
             done.append(framework)
