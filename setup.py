@@ -1,7 +1,7 @@
 """Packaging for orepa_mm: online convolutional re-parameterization for OpenMMLab.
 
 Requirements live in ``requirements/``: ``runtime.txt`` is what the library
-imports; ``mmdet.txt``/``mmseg.txt`` are the frameworks, as extras (so a
+imports; ``mmdet.txt``/``mmseg.txt``/``mmpretrain.txt`` are the frameworks, as extras (so a
 plain ``pip install orepa_mm`` never compiles mmcv); ``tests.txt`` the test
 tools; ``constraints.txt`` the exact versions ``scripts/setup.sh`` installs
 (the top of the supported ranges), ``compat.txt`` the oldest ones, which the
@@ -38,8 +38,10 @@ setup(
     extras_require={
         'mmdet': requirements('mmdet'),
         'mmseg': requirements('mmseg'),
+        'mmpretrain': requirements('mmpretrain'),
         'tests': requirements('tests'),
-        'all': sorted(set(requirements('mmdet') + requirements('mmseg') + requirements('tests'))),
+        'all': sorted(set(requirements('mmdet') + requirements('mmseg') + requirements('mmpretrain')
+                          + requirements('tests'))),
     },
     license='Apache-2.0',
 )
