@@ -1,5 +1,5 @@
 """Tests for orepa_mm.toy_data and its command line tools/misc/make_toy_data.py: determinism, loading
-through the real mmdet / mmseg datasets, CLI."""
+through the real mmdet / mmseg / mmpretrain datasets, CLI."""
 from __future__ import annotations
 
 import json
@@ -215,7 +215,8 @@ def test_ensure_keeps_current_sets_and_refuses_stale_ones(tmp_path: Path) -> Non
     root = tmp_path / 'toy'
     toy_data.make_coco(root / 'coco', 1, 1, 48, seed=0)
     toy_data.make_cityscapes(root / 'cityscapes', 1, 1, (40, 72), seed=0)
-    before = {name: _tree_bytes(root / name) for name in ('coco', 'cityscapes')}
+    toy_data.make_imagenet(root / 'imagenet', 1, 1, 32, seed=0)
+    before = {name: _tree_bytes(root / name) for name in ('coco', 'cityscapes', 'imagenet')}
     assert toy_data.ensure_toy_data(root, verbose=False) == []  # current sets are kept as they are
     assert {name: _tree_bytes(root / name) for name in before} == before
     stamp = root / 'coco' / 'orepa_toy_data.json'
@@ -224,3 +225,35 @@ def test_ensure_keeps_current_sets_and_refuses_stale_ones(tmp_path: Path) -> Non
     with pytest.raises(toy_data.StaleToyDataError, match=r'coco was written by toy-data generator version 1.*--force'):
         toy_data.ensure_toy_data(root, verbose=False)
     assert _tree_bytes(root / 'cityscapes') == before['cityscapes']
+
+
+def test_imagenet_layout_determinism_and_mmpretrain_dataset(tmp_path: Path) -> None:
+    """The ImageNet-format set: the same seed writes the same bytes, each annotation line names a file of
+    its split, the labels cover the classes, and mmpretrain's own ``ImageNet`` dataset reads it."""
+    from mmpretrain.datasets import ImageNet
+
+    paths = toy_data.make_imagenet(tmp_path / 'a' / 'imagenet', 30, 12, 48, seed=0)
+    root = paths['root']
+    assert _tree_bytes(toy_data.make_imagenet(tmp_path / 'b' / 'imagenet', 30, 12, 48, seed=0)['root']) \
+        == _tree_bytes(root)
+    assert _tree_bytes(toy_data.make_imagenet(tmp_path / 'c' / 'imagenet', 30, 12, 48, seed=1)['root']) \
+        != _tree_bytes(root)
+    classes = toy_data.IMAGENET_TOY_CLASSES
+    for split, n in (('train', 30), ('val', 12)):
+        lines = paths[f'{split}_ann_file'].read_text().splitlines()
+        assert len(lines) == n
+        labels = []
+        for line in lines:
+            rel, label = line.split()
+            with Image.open(root / split / rel) as img:
+                assert img.size == (48, 48) and img.mode == 'RGB'
+            if split == 'train':
+                assert rel.split('/')[0] == classes[int(label)]  # the class folder is the label's name
+            labels.append(int(label))
+        assert set(labels) <= set(range(len(classes)))
+    assert len(set(labels)) > 1
+    dataset = ImageNet(data_root=str(root), split='val', metainfo=dict(classes=classes), pipeline=[])
+    assert len(dataset) == 12 and dataset.CLASSES == classes
+    assert [dataset.get_data_info(i)['gt_label'] for i in range(12)] == labels
+    with pytest.raises(ValueError, match='at least 32'):
+        toy_data.make_imagenet(tmp_path / 'd', 1, 1, 16)
