@@ -86,7 +86,7 @@ def test_same_seed_same_result(bench: Dict[str, Any], toy_root: Path, tmp_path: 
 
 @pytest.mark.parametrize('argv, message', [
     (['--variants', 'plain', 'resnet'], "unknown variant 'resnet'; expected one of plain, dbb, orepa"),
-    (['--tasks', 'classifier'], "unknown task 'classifier'"),
+    (['--tasks', 'tracker'], "unknown task 'tracker'"),
     (['--seeds', '0', '0'], '--seeds must be distinct'),
 ])
 def test_bad_input_exits_2(argv: list, message: str, tmp_path: Path, capsys) -> None:
