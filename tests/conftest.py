@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 import pytest
 import torch
@@ -139,31 +139,29 @@ def _iters(n: int, ckpt_every: int) -> list:
             f'default_hooks.checkpoint.interval={ckpt_every}', 'default_hooks.logger.interval=5']
 
 
+def mim_train_and_test(framework: str, cfg: Path, toy_root: Path, name: str, iters: int, ckpt_every: int,
+                       train_extra: Sequence[str] = (), test_extra: Sequence[str] = ()) -> dict:
+    """``mim train`` ``cfg`` for ``iters`` iterations in ``<toy_root>/work_<name>``, then ``mim test``
+    its last checkpoint; the work folder, the checkpoint and both runs' output."""
+    work = toy_root / f'work_{name}'
+    train = run([bin_path('mim'), 'train', framework, str(cfg), '--work-dir', str(work)]
+                + _iters(iters, ckpt_every) + list(train_extra), cwd=toy_root)
+    ckpt = work / f'iter_{iters}.pth'
+    assert ckpt.is_file(), (train.stdout + train.stderr)[-2000:]
+    test = run([bin_path('mim'), 'test', framework, str(cfg), '--checkpoint', str(ckpt), '--work-dir',
+                str(toy_root / f'test_{name}')] + list(test_extra), cwd=toy_root)
+    return dict(work=work, ckpt=ckpt, train=train.stdout + train.stderr, test=test.stdout + test.stderr)
+
+
 @pytest.fixture(scope='module')
 def det_run(toy_root: Path) -> dict:
-    work = toy_root / 'work_det'
-    train = run([bin_path('mim'), 'train', 'mmdet', str(DET_CFG), '--work-dir', str(work)]
-                + _iters(DET_ITERS, DET_ITERS // 2) + DET_KEEP_ALL, cwd=toy_root)
-    ckpt = work / f'iter_{DET_ITERS}.pth'
-    assert ckpt.is_file(), train.stdout[-2000:]
-    test = run([bin_path('mim'), 'test', 'mmdet', str(DET_CFG), '--checkpoint', str(ckpt), '--work-dir',
-                str(toy_root / 'test_det'), '--out', str(toy_root / 'det_preds.pkl'), '--cfg-options']
-               + DET_KEEP_ALL, cwd=toy_root)
-    return dict(work=work, ckpt=ckpt, train=train.stdout + train.stderr, test=test.stdout + test.stderr)
+    return mim_train_and_test('mmdet', DET_CFG, toy_root, 'det', DET_ITERS, DET_ITERS // 2, DET_KEEP_ALL,
+                              ['--out', str(toy_root / 'det_preds.pkl'), '--cfg-options'] + DET_KEEP_ALL)
 
 
 @pytest.fixture(scope='module')
 def seg_run(toy_root: Path) -> dict:
-    work = toy_root / 'work_seg'
-    train = run([bin_path('mim'), 'train', 'mmseg', str(SEG_CFG), '--work-dir', str(work)]
-                + _iters(SEG_ITERS, SEG_ITERS), cwd=toy_root)
-    ckpt = work / f'iter_{SEG_ITERS}.pth'
-    assert ckpt.is_file(), train.stdout[-2000:]
-    test = run([bin_path('mim'), 'test', 'mmseg', str(SEG_CFG), '--checkpoint', str(ckpt), '--work-dir',
-                str(toy_root / 'test_seg')], cwd=toy_root)
-    return dict(work=work, ckpt=ckpt, train=train.stdout + train.stderr, test=test.stdout + test.stderr)
-
-
+    return mim_train_and_test('mmseg', SEG_CFG, toy_root, 'seg', SEG_ITERS, SEG_ITERS)
 
 
 # -- figures that tests measure and report (printed at the end of the run) --------

@@ -15,7 +15,7 @@ import torch
 from mmengine.config import Config
 
 import orepa_mm  # noqa: F401 - registers the layers and backbones
-from conftest import ROOT, _iters, bin_path, last_metric, run
+from conftest import ROOT, bin_path, last_metric, mim_train_and_test, run
 
 pytestmark = pytest.mark.slow
 
@@ -28,14 +28,7 @@ TOP1 = 'accuracy/top1'
 
 @pytest.fixture(scope='module')
 def cls_run(toy_root: Path) -> dict:
-    work = toy_root / 'work_cls'
-    train = run([bin_path('mim'), 'train', 'mmpretrain', str(CLS_CFG), '--work-dir', str(work)]
-                + _iters(CLS_ITERS, CLS_ITERS), cwd=toy_root)
-    ckpt = work / f'iter_{CLS_ITERS}.pth'
-    assert ckpt.is_file(), (train.stdout + train.stderr)[-2000:]
-    test = run([bin_path('mim'), 'test', 'mmpretrain', str(CLS_CFG), '--checkpoint', str(ckpt), '--work-dir',
-                str(toy_root / 'test_cls')], cwd=toy_root)
-    return dict(work=work, ckpt=ckpt, train=train.stdout + train.stderr, test=test.stdout + test.stderr)
+    return mim_train_and_test('mmpretrain', CLS_CFG, toy_root, 'cls', CLS_ITERS, CLS_ITERS)
 
 
 def test_mim_train_and_test_classifier(cls_run):
