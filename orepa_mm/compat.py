@@ -46,7 +46,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 
 __all__ = ['TORCH_VERSION', 'HAS_SAFE_GLOBALS', 'is_compiling', 'autocast_enabled', 'autocast_dtype',
-           'add_safe_globals', 'get_safe_globals', 'load_weights_only', 'RestrictedUnpickler']
+           'grad_scaler', 'add_safe_globals', 'get_safe_globals', 'load_weights_only', 'RestrictedUnpickler']
 
 
 def _version(text: str) -> tuple:
@@ -95,6 +95,17 @@ def autocast_dtype(device_type: str) -> torch.dtype:
     if device_type == 'xpu' and hasattr(torch, 'xpu'):
         return torch.xpu.get_autocast_xpu_dtype()
     raise RuntimeError(f'orepa_mm: autocast on device type {device_type!r} needs torch >= 2.4 '
+                       f'(this is torch {torch.__version__})')
+
+
+def grad_scaler(device_type: str, **kwargs: Any) -> Any:
+    """A loss scaler for float16 steps on ``device_type`` (``torch.amp.GradScaler`` since torch 2.3;
+    before, only CUDA has one, ``torch.cuda.amp.GradScaler``)."""
+    if hasattr(torch.amp, 'GradScaler'):
+        return torch.amp.GradScaler(device_type, **kwargs)
+    if device_type == 'cuda':
+        return torch.cuda.amp.GradScaler(**kwargs)
+    raise RuntimeError(f'orepa_mm: a float16 loss scaler on {device_type!r} needs torch >= 2.3 '
                        f'(this is torch {torch.__version__})')
 
 

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import orepa_mm
+from orepa_mm.compat import grad_scaler
 from orepa_mm.layers import OREPAConv2d, batched_generation, set_generation_capture
 
 # The benchmark's operator counter: the figure the README reports.
@@ -314,7 +315,7 @@ def test_fp16_autocast_with_grad_scaler(per_layer, capture, device):
     x = torch.randn(4, 3, 16, 16)
 
     def step(model: nn.Module) -> torch.Tensor:
-        scaler = torch.amp.GradScaler(device.type, init_scale=8.0)
+        scaler = grad_scaler(device.type, init_scale=8.0)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         with torch.autocast(device.type, dtype=torch.float16):
             out = model(x)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from orepa_mm import count_reparam_layers, fuse_model
 from orepa_mm.cli import log
+from orepa_mm.compat import grad_scaler
 
 from .counters import SavedTensorCounter, count_gflop, count_ops, model_tensors
 from .workloads import Workload
@@ -58,7 +59,7 @@ class Trainee:
         default = torch.float16 if self.device.type == 'cuda' else torch.bfloat16
         self.amp_dtype = (getattr(torch, amp_dtype) if amp_dtype else default) if amp else None
         # float16 needs loss scaling (mmengine's AmpOptimWrapper uses a GradScaler); bfloat16 does not.
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        self.scaler = grad_scaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.last_loss = float('nan')
 
     def autocast(self) -> contextlib.AbstractContextManager:
