@@ -172,8 +172,9 @@ def markdown(report: Dict[str, Any]) -> str:
         f'- date: {meta["date"]}; git commit {meta["git_commit"]}'
         + ('' if meta.get('git_clean') else ' (with local changes)'),
         f'- device: {meta["device"]} ({meta["device_name"]}), {meta["cpu_count"]} CPUs; torch '
-        f'{meta["versions"]["torch"]}, mmengine {meta["versions"]["mmengine"]}, mmdet {meta["versions"]["mmdet"]}, '
-        f'mmseg {meta["versions"]["mmseg"]}',
+        f'{meta["versions"]["torch"]}, mmengine {meta["versions"]["mmengine"]}, '
+        + ', '.join(f'{name} {meta["versions"][name]}' for name in ('mmdet', 'mmseg', 'mmpretrain')
+                    if meta['versions'].get(name)),
         f'- training iterations: {iters}; configs: '
         + '; '.join(f'{task}: `{c}`' for task, c in cfg['configs'].items()),
         f'- command: `{meta["command"]}`',

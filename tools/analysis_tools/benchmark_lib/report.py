@@ -72,7 +72,7 @@ def cpu_model() -> str:
 def package_versions() -> Dict[str, Optional[str]]:
     """Versions of the packages that matter here (None where missing)."""
     out: Dict[str, Optional[str]] = {}
-    for module in ('torch', 'mmengine', 'mmcv', 'mmdet', 'mmseg', 'orepa_mm', 'numpy'):
+    for module in ('torch', 'mmengine', 'mmcv', 'mmdet', 'mmseg', 'mmpretrain', 'orepa_mm', 'numpy'):
         try:
             out[module] = importlib.import_module(module).__version__
         except Exception:  # noqa: BLE001 - a missing or broken package is just not reported
