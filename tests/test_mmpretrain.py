@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import pickle
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ CLS_CFG = ROOT / 'configs/toy/resnet18w32-orepa_1xb32-600i_toy-imagenet.py'
 DET_IN1K_CFG = ROOT / 'configs/toy/fcos_r18w32-orepa-toyin1k_fpn_600i_toy-coco.py'
 SEG_IN1K_CFG = ROOT / 'configs/toy/pspnet_r18w32-d8-orepa-toyin1k_1xb4-300i_toy-cityscapes-128x256.py'
 CLS_ITERS = 10
+TOY_IN = 'data/toy/imagenet'  # relative to toy_root
 TOP1 = 'accuracy/top1'
 
 
@@ -88,3 +90,32 @@ def test_classifier_backbone_starts_the_toy_detector_and_segmentor(cfg: Path, cl
     same_geometry = 4 if cfg is DET_IN1K_CFG else 2  # the segmentor dilates stages 3 and 4
     for stage in range(same_geometry):
         assert torch.equal(ours[stage], theirs[stage]), f'stage {stage + 1}'
+
+
+def test_converted_reference_classifier_evaluates_with_mim_test(toy_root: Path, tmp_path: Path):
+    """The authors' layout (a random-weight ResNet-18 on the reference key list), converted with
+    ``--classifier``, is evaluated by ``mim test mmpretrain`` with the shipped ImageNet config; the fused
+    conversion, evaluated with the plain config, gives the same top-1 and the same scores (the same
+    function, up to float32 rounding)."""
+    from test_convert_reference import synth_reference
+
+    src = tmp_path / 'orepa_res18.pth.tar'
+    sd = synth_reference('official_orepa_resnet18_train_keys.tsv', seed=3)
+    torch.save({'state_dict': {f'module.{k}': v for k, v in sd.items()}}, src)
+    converter = ROOT / 'tools/model_converters/convert_reference_checkpoint.py'
+    top1, scores = {}, {}
+    for variant, flags in (('orepa', []), ('plain', ['--fused'])):
+        ckpt = tmp_path / f'{variant}.pth'
+        run([sys.executable, str(converter), str(src), str(ckpt), '--classifier'] + flags, cwd=toy_root)
+        cfg = ROOT / f'configs/mmpretrain/resnet18-{variant}_4xb64-coslr-120e_in1k.py'
+        test = run([bin_path('mim'), 'test', 'mmpretrain', str(cfg), '--checkpoint', str(ckpt), '--work-dir',
+                    str(tmp_path / f'test_{variant}'), '--out', str(tmp_path / f'{variant}.pkl'),
+                    '--cfg-options', f'test_dataloader.dataset.data_root={TOY_IN}',
+                    'test_dataloader.batch_size=8', 'test_dataloader.num_workers=0',
+                    'test_dataloader.persistent_workers=False'], cwd=toy_root)
+        top1[variant] = last_metric(test.stdout + test.stderr, TOP1)
+        with open(tmp_path / f'{variant}.pkl', 'rb') as f:
+            scores[variant] = torch.stack([torch.as_tensor(r['pred_score']) for r in pickle.load(f)])
+    assert top1['orepa'] == top1['plain']
+    assert scores['orepa'].shape == (24, 1000)
+    assert (scores['orepa'] - scores['plain']).abs().max() <= 1e-4 * scores['orepa'].abs().max()
