@@ -99,6 +99,12 @@ ARCH: Dict[int, Tuple[str, Tuple[int, int, int, int]]] = {
     152: ('bottleneck', (3, 8, 36, 3)),
 }
 DROPPED_PREFIXES = ('linear.', )
+
+
+def feature_width(depth: int) -> int:
+    """Channels of the last stage of a ResNet of ``depth``: what its classifier reads."""
+    return 512 * (4 if ARCH[depth][0] == 'bottleneck' else 1)
+
 DEPLOY_NAMES = {1: 'or1x1_reparam', 3: 'orepa_reparam', 7: 'or_large_reparam'}
 BN_FIELDS = ('weight', 'bias', 'running_mean', 'running_var')
 STEM_FLIPPED = 'flipped-generators'
@@ -145,10 +151,10 @@ class Conversion:
         backbone = dict(type=self.target, depth=self.depth)
         if self.num_classes is None:
             return backbone
-        width = 512 * (4 if ARCH[self.depth][0] == 'bottleneck' else 1)
         return dict(type='ImageClassifier', backbone=dict(backbone, num_stages=4, out_indices=(3, )),
                     neck=dict(type='GlobalAveragePooling'),
-                    head=dict(type='LinearClsHead', num_classes=self.num_classes, in_channels=width))
+                    head=dict(type='LinearClsHead', num_classes=self.num_classes,
+                              in_channels=feature_width(self.depth)))
 
     def meta(self, source: str) -> Dict[str, Any]:
         """The checkpoint's ``meta`` entry: where it came from and what it is for."""
@@ -466,7 +472,7 @@ def _refuse_unexpected(keys: Sequence[str], depth: int) -> None:
 def _classifier_state(state: Mapping[str, Tensor], backbone: Dict[str, Tensor], depth: int
                       ) -> Tuple[Dict[str, Tensor], int]:
     """The ``ImageClassifier`` state dict: the backbone under ``backbone.``, ``linear`` as ``head.fc``."""
-    width = 512 * (4 if ARCH[depth][0] == 'bottleneck' else 1)
+    width = feature_width(depth)
     weight, bias = state.get('linear.weight'), state.get('linear.bias')
     if weight is None or bias is None:
         raise ConversionError('the checkpoint has no classifier (linear.weight and linear.bias): convert it '
