@@ -92,6 +92,7 @@ def test_config_builds_and_trains_one_iteration(path: Path):
     model.init_weights()
     model.train()
     optim = build_optim_wrapper(model, cfg.optim_wrapper)
+    _check_custom_keys(cfg, model)
     batch = _batch(scope, path, model_cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if 'backbone' in n and p.requires_grad}
     losses = model.train_step(batch, optim)
@@ -122,6 +123,34 @@ def test_config_builds_and_trains_one_iteration(path: Path):
     for part, module in model.named_children():
         if part != 'backbone' and not any(p == part or p.startswith(part + '.') for p in outside):
             assert orepa_mm.count_reparam_layers(module) == 0, part
+
+
+def _check_custom_keys(cfg: Config, model: torch.nn.Module) -> None:
+    """What the configs' ``custom_keys`` mean holds for every parameter,
+    frozen ones included (as if unfrozen): no decay on any branch scale, and
+    the smaller lr on everything in the linear deep stem, its branch scales
+    too.  mmengine applies only the longest key that matches a name, so a
+    stem key alone would take the stem's scales out of ``decay_mult=0``."""
+    keys = cfg.optim_wrapper.get('paramwise_cfg', {}).get('custom_keys', {})
+    stem = 'backbone.conv1.branches.stack'
+    if 'branch_scales' not in keys and stem not in keys:
+        return
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        optimizer = build_optim_wrapper(model, copy.deepcopy(cfg.optim_wrapper)).optimizer
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+    groups = {id(p): g for g in optimizer.param_groups for p in g['params']}
+    base_lr = cfg.optim_wrapper.optimizer.lr
+    for name, p in model.named_parameters():
+        group = groups[id(p)]
+        if 'branch_scales' in keys and name.endswith('branch_scales'):
+            assert group['weight_decay'] == 0, name
+        if stem in keys and name.startswith(stem + '.'):
+            assert group['lr'] == pytest.approx(keys[stem]['lr_mult'] * base_lr), name
 
 
 def _reparam_parts(model_cfg: dict, prefix: str = '') -> list:

@@ -21,4 +21,9 @@ optim_wrapper = dict(
             # kernels) needs a smaller lr when fine-tuning from ImageNet.
             # frozen_stages=1 freezes it here; this matters if you unfreeze.
             'backbone.conv1.branches.stack': dict(lr_mult=0.1),
+            # The stem's branch scales match the key above, the longest one, so
+            # they need their own keys to keep decay_mult=0.0 as well.
+            'backbone.conv1.branches.stack.0.branch_scales': dict(lr_mult=0.1, decay_mult=0.0),
+            'backbone.conv1.branches.stack.1.branch_scales': dict(lr_mult=0.1, decay_mult=0.0),
+            'backbone.conv1.branches.stack.2.branch_scales': dict(lr_mult=0.1, decay_mult=0.0),
         }))

@@ -9,4 +9,9 @@ _base_ = 'mmdet::faster_rcnn/faster-rcnn_x101-32x4d_fpn_1x_coco.py'
 custom_imports = dict(imports=['orepa_mm'], allow_failed_imports=False)
 model = dict(backbone=dict(conv_cfg=dict(type='OREPA')))
 optim_wrapper = dict(paramwise_cfg=dict(custom_keys={
-    'branch_scales': dict(decay_mult=0.0), 'backbone.conv1.branches.stack': dict(lr_mult=0.1)}))
+    'branch_scales': dict(decay_mult=0.0), 'backbone.conv1.branches.stack': dict(lr_mult=0.1),
+    # mmengine applies the longest matching key only: the stem's branch scales keep decay_mult=0.0 here.
+    'backbone.conv1.branches.stack.0.branch_scales': dict(lr_mult=0.1, decay_mult=0.0),
+    'backbone.conv1.branches.stack.1.branch_scales': dict(lr_mult=0.1, decay_mult=0.0),
+    'backbone.conv1.branches.stack.2.branch_scales': dict(lr_mult=0.1, decay_mult=0.0),
+}))

@@ -13,4 +13,9 @@ optim_wrapper = dict(
     paramwise_cfg=dict(
         custom_keys={
             'backbone.conv1.branches.stack': dict(lr_mult=0.1),
+            # The stem's branch scales match the key above, the longest one, so
+            # they need their own keys to keep decay_mult=0.0 as well.
+            'backbone.conv1.branches.stack.0.branch_scales': dict(lr_mult=0.1, decay_mult=0.0),
+            'backbone.conv1.branches.stack.1.branch_scales': dict(lr_mult=0.1, decay_mult=0.0),
+            'backbone.conv1.branches.stack.2.branch_scales': dict(lr_mult=0.1, decay_mult=0.0),
         }))

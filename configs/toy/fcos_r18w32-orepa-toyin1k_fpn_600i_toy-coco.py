@@ -9,4 +9,10 @@ in1k_checkpoint = 'work_dirs/resnet18w32-orepa_1xb32-600i_toy-imagenet/iter_600.
 # (_delete_: the base config's init_cfg is None, which a dict cannot be merged into)
 model = dict(backbone=dict(init_cfg=dict(_delete_=True, type='Pretrained', checkpoint=in1k_checkpoint,
                                          prefix='backbone.')))
-optim_wrapper = dict(paramwise_cfg=dict(custom_keys={'backbone.conv1.branches.stack': dict(lr_mult=0.1)}))
+optim_wrapper = dict(paramwise_cfg=dict(custom_keys={
+    'backbone.conv1.branches.stack': dict(lr_mult=0.1),
+    # mmengine applies the longest matching key only: the stem's branch scales keep decay_mult=0.0 here.
+    'backbone.conv1.branches.stack.0.branch_scales': dict(lr_mult=0.1, decay_mult=0.0),
+    'backbone.conv1.branches.stack.1.branch_scales': dict(lr_mult=0.1, decay_mult=0.0),
+    'backbone.conv1.branches.stack.2.branch_scales': dict(lr_mult=0.1, decay_mult=0.0),
+}))
