@@ -290,6 +290,25 @@ def test_nothing_of_a_dropped_model_stays_alive(capture):
     assert generation() is None
 
 
+def test_a_recording_dies_with_its_model():
+    """A recording holds the packed storage it reads; the groups live for the
+    whole process, so a member's death must drop it (else a dropped model's
+    parameters would stay alive in the group)."""
+    import weakref
+    set_generation_capture('simulate')
+    try:
+        model = nn.Sequential(*(OREPAConv2d(5, 5, 3, padding=1) for _ in range(2))).double()
+        model(torch.randn(1, 5, 8, 8, dtype=torch.float64)).sum().backward()
+        group = batched_generation._group_of(model[0].branches)
+        assert group.captured is not None and group.captured.generation is not None
+        storage = weakref.ref(group.captured.storage['weight_origin'])
+        del model
+        gc.collect()
+        assert group.captured is None and storage() is None
+    finally:
+        set_generation_capture('off')
+
+
 def test_bf16_autocast(per_layer, capture, device):
     x = torch.randn(4, 3, 16, 16)
 
@@ -412,15 +431,19 @@ def test_replay_never_overwrites_kernels_that_a_pending_backward_needs(per_layer
     replay for the second forward would overwrite them in the fixed buffer."""
     x1, x2 = (torch.randn(2, 3, 32, 32, dtype=torch.float64) for _ in range(2))
 
+    recorded = []
+
     def step(model: nn.Module) -> None:
         for _ in range(2):  # the first step records (simulate), the second replays
             model.zero_grad(set_to_none=True)
             (loss_of(model(x1)) + 2 * loss_of(model(x2))).backward()
+        # (while the model lives: a member's death drops its group's recording)
+        recorded.append(any(g.captured is not None and g.captured.generation is not None
+                            for g in batched_generation._GROUPS.values()))
     (_, ref), (_, got) = run_both(lambda: resnet(50), step, per_layer)
     assert_same_grads(ref, got, REL[torch.float64])
     if capture != 'off':
-        assert any(g.captured is not None and g.captured.generation is not None
-                   for g in batched_generation._GROUPS.values()), 'nothing was replayed'
+        assert any(recorded), 'nothing was replayed'
 
 
 def test_capture_mode_is_checked() -> None:

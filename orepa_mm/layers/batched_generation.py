@@ -42,7 +42,7 @@ How the pieces keep the usual guarantees:
 from __future__ import annotations
 
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -163,6 +163,8 @@ class _Group:
         # the last generation whose kernels live in its fixed buffer.
         self.captured: Optional[CapturedGeneration] = None
         self.replayed_by: Optional['weakref.ref[_Generation]'] = None
+        # The generations whose backward may still read the packed storage.
+        self.outstanding: 'weakref.WeakSet[_Generation]' = weakref.WeakSet()
 
     # -- membership and packing ------------------------------------------------
     def _next_members(self, generator: nn.Module) -> List[nn.Module]:
@@ -181,18 +183,35 @@ class _Group:
 
     @torch.no_grad()
     def _pack(self, members: Sequence[nn.Module]) -> None:
-        """Move the members' parameter data into one tensor per name (values unchanged)."""
+        """Move the members' parameter data into one tensor per name (values unchanged).
+
+        The same members pointed elsewhere since (FSDP points them back into
+        its flat buffer at every forward) are copied into the storage that
+        the group's recording reads, which then stays valid.  New members, or
+        a generation whose backward may still read the old storage, get fresh
+        storage and, later, a new recording."""
+        storage = self.captured.storage if self.captured is not None else {}
+        reuse = bool(storage) and [ref() for ref in self.members] == list(members) \
+            and not any(g.pending for g in self.outstanding)
         for name, _ in members[0].named_parameters(recurse=False):
             params = [getattr(m, name) for m in members]
             packed = torch.stack([p.detach() for p in params])  # (n, *shape)
+            if reuse:
+                packed = storage[name].copy_(packed)
             for i, p in enumerate(params):
-                p.data = packed[i]  # the parameters alone keep the packed storage alive
+                p.data = packed[i]  # the parameters (and a recording) keep the packed storage alive
+        self.pointers = [tuple(p.data_ptr() for p in m.parameters(recurse=False)) for m in members]
+        if reuse:
+            return
         n = len(members)
         self.buffers = {name: buf.repeat((n, ) + (1, ) * (buf.dim() - 1))
                         for name, buf in members[0].named_buffers(recurse=False)}
-        self.members = [weakref.ref(m) for m in members]
-        self.pointers = [tuple(p.data_ptr() for p in m.parameters(recurse=False)) for m in members]
-        self.captured = self.replayed_by = None  # a recording reads the old storage
+        # A member's death drops the recording, which would keep the packed storage alive.
+        self.members = [weakref.ref(m, self._drop_recording) for m in members]
+        self._drop_recording()  # a recording reads the old storage
+
+    def _drop_recording(self, _dead: object = None) -> None:
+        self.captured = self.replayed_by = None
 
     def _virtual(self, members: Sequence[nn.Module]) -> nn.Module:
         """A generator of the members' type whose parameters are the packed tensors."""
@@ -206,14 +225,18 @@ class _Group:
         for attr in _SCALED_ATTRS:
             if attr in virtual.__dict__:
                 virtual.__dict__[attr] = n * getattr(first, attr)
+        row_major = []
         for name, p in first.named_parameters(recurse=False):
             packed = _packed(p.detach(), n)
-            if name in _ROW_MAJOR_PARAMS:  # (n, rows, out) -> (rows, n * out)
+            if name in _ROW_MAJOR_PARAMS:  # (n, rows, out) -> (rows, n * out): a copy (see _refreshed)
                 value = packed.transpose(0, 1).reshape(packed.shape[1], -1)
+                if value.untyped_storage().data_ptr() != packed.untyped_storage().data_ptr():  # n > 1
+                    row_major.append((packed, value))
             else:  # (n, channels, ...) -> (n * channels, ...), a view
                 value = packed.view((-1, ) + tuple(packed.shape[2:]))
             virtual.__dict__[name] = value
         virtual.__dict__.update(self.buffers)
+        virtual.__dict__['_row_major_copies'] = row_major
         return virtual
 
     def capture_for(self, virtual: nn.Module, generation: _Generation) -> Optional[CapturedGeneration]:
@@ -231,7 +254,12 @@ class _Group:
         if previous is not None and previous.pending:
             return None
         if self.captured is None or self.captured.backend != backend:
-            self.captured = CapturedGeneration(backend)
+            first, n = self.members[0](), len(self.members)  # alive: packed for this generation
+            # ``.data``, not ``.detach()``: a version counter of its own, so that
+            # _pack's copy into it does not count as an in-place write to whatever
+            # the parameters are views of (FSDP's flat parameter).
+            self.captured = CapturedGeneration(
+                backend, {name: _packed(p.data, n) for name, p in first.named_parameters(recurse=False)})
         self.replayed_by = weakref.ref(generation)
         return self.captured
 
@@ -252,10 +280,33 @@ class _Group:
             self._pack(members)
         params = [p for m in members for p in m.parameters(recurse=False)]
         self.generation = _Generation(members)
+        self.outstanding.add(self.generation)
         with torch.autocast(params[0].device.type, enabled=False):
             self.generation.hold(_GroupGenerate.apply(self, self.generation, members, *params))
         kernel, i = self.generation.take(generator)
         return kernel, self.generation, i
+
+
+def _refreshed(virtual: nn.Module) -> nn.Module:
+    """``virtual`` with its row-major parameters copied from the packed storage again.
+
+    A virtual generator's row-major parameters are copies taken when it was
+    made.  A recording replays the computation of the virtual generator it
+    was recorded with, steps later: it must copy them again, as part of what
+    it replays, or it would generate from the values of that step."""
+    for packed, value in virtual.__dict__['_row_major_copies']:
+        value.view(value.shape[0], packed.shape[0], -1).copy_(packed.transpose(0, 1))
+    return virtual
+
+
+def _recordable_generate(virtual: nn.Module) -> Callable[[], Tensor]:
+    """The generation of ``virtual`` as a recording replays it (from the packed storage)."""
+    return lambda: _refreshed(virtual).generate()
+
+
+def _recordable_backward(virtual: nn.Module) -> Callable[[Tensor], Dict[str, Tensor]]:
+    """``kernel_backward`` of ``virtual`` as a recording replays it (from the packed storage)."""
+    return lambda grad: _refreshed(virtual).kernel_backward(grad)
 
 
 class _GroupGenerate(torch.autograd.Function):
@@ -278,7 +329,7 @@ class _GroupGenerate(torch.autograd.Function):
         if ctx.captured is None:
             stacked = virtual.generate()  # (n * out, in_g, k, k)
         else:
-            stacked = ctx.captured.generate(virtual)
+            stacked = ctx.captured.generate(_recordable_generate(virtual))
             if ctx.captured.generation is not None:  # the fixed buffer: valid until this generation's backward
                 generation.replayed = stacked.chunk(ctx.n)
         return tuple(stacked.chunk(ctx.n))
@@ -303,7 +354,7 @@ class _GroupGenerate(torch.autograd.Function):
         if ctx.captured is None:
             grads = ctx.virtual.kernel_backward(grad)
         else:
-            grads = ctx.captured.kernel_backward(ctx.virtual, grad)
+            grads = ctx.captured.kernel_backward(_recordable_backward(ctx.virtual), grad)
         per_name = len(names)
         for j, name in enumerate(names):
             if not any(needed[i * per_name + j] for i in range(n)):

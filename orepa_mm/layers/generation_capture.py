@@ -11,24 +11,30 @@ reads them in place.
 What a recording is: :class:`CapturedGeneration` holds, per group packing,
 
 * the generation: the virtual generator's ``generate()``, whose output (the
-  group's kernels) lives in a fixed buffer that every replay overwrites;
+  group's kernels) lives in a fixed buffer that every replay overwrites; what
+  it replays reads nothing but the packed parameters' storage (a copy made
+  outside it would be replayed at the value it had when recorded);
 * the backward: ``kernel_backward(grad)`` with ``grad`` copied into a fixed
   input buffer; its outputs are fixed buffers too, so they are cloned
   before autograd sees them (autograd may keep a gradient tensor as
   ``.grad``, and the next replay would overwrite it).
 
 On CUDA it records on its second use (the first runs eagerly: groups form
-during the first steps, and CUDA wants a warm-up before capture); it is
-dropped whenever the group packs again.  The caller must not replay while kernels of
-an earlier replay may still be needed (see ``_Group.capture_for``).
+during the first steps, and CUDA wants a warm-up before capture).  It holds
+the packed parameters' storage that it reads, so the group can copy values
+back into it when something points the parameters elsewhere (FSDP does at
+every forward); the group drops it when it packs new members or storage, or
+when a member dies.  The caller must not replay while kernels of an earlier
+replay may still be needed (see ``_Group.capture_for``).
 
 Backends (:func:`set_generation_capture`):
 
 * ``'cuda'``: ``torch.cuda.CUDAGraph``, for groups on CUDA devices;
-* ``'simulate'``: the same fixed-buffer semantics computed eagerly (each
-  replay runs the operators and copies into the fixed buffers), on any
-  device.  It exists for tests: it exercises exactly the buffer reuse that
-  a CUDA graph has, on a machine without one.
+* ``'simulate'``: the same fixed-buffer semantics computed eagerly, on any
+  device: each replay runs the recorded computation again, on the storage
+  it was recorded with, and copies into the fixed buffers.  It exists for
+  tests: it exercises exactly the buffer reuse, and the reads of recorded
+  storage, that a CUDA graph has, on a machine without one.
 
 Default: off (``OREPA_MM_CAPTURE=cuda`` in the environment turns it on).
 """
@@ -70,12 +76,15 @@ def generation_capture(device: torch.device) -> Optional[str]:
 
 class _Recording:
     """``fn()``'s outputs (a tensor or a dict of tensors) in fixed buffers,
-    refreshed by :meth:`replay`.  A CUDA graph keeps the addresses it was
-    recorded with; the simulation runs the ``fn`` it is given (the same
-    computation on the same storage) and copies into the buffers."""
+    refreshed by :meth:`replay`.  A CUDA graph replays the addresses it was
+    recorded with; the simulation runs ``fn`` again and copies into the
+    buffers.  Both keep ``fn``, and so every tensor it reads or writes
+    outside the graph's own pool alive: a freed one's memory would be
+    reused, and a replay would read or overwrite someone else's data."""
 
     def __init__(self, fn: Callable[[], object], backend: str) -> None:
         self.backend = backend
+        self.fn = fn
         if backend == 'cuda':
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -90,11 +99,11 @@ class _Recording:
             out = fn()
             self.outputs = {k: v.clone() for k, v in out.items()} if isinstance(out, dict) else out.clone()
 
-    def replay(self, fn: Callable[[], object]) -> object:
+    def replay(self) -> object:
         if self.backend == 'cuda':
             self.graph.replay()
         else:
-            out = fn()
+            out = self.fn()
             if isinstance(out, dict):
                 for k, v in out.items():
                     self.outputs[k].copy_(v)
@@ -106,11 +115,13 @@ class _Recording:
 class CapturedGeneration:
     """A group's generation and gradient, recorded for one packing of its
     parameters.  Each call takes that step's virtual generator (a new
-    object over the same packed storage); none is kept, so a recording does
-    not keep a dropped model's parameters alive."""
+    object over the same packed storage); the recordings read the storage
+    of the virtual generator they were recorded with, ``storage``: the
+    packed ``(n, *shape)`` tensor per parameter name, kept alive here."""
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, storage: Optional[Dict[str, Tensor]] = None) -> None:
         self.backend = backend
+        self.storage: Dict[str, Tensor] = dict(storage or {})
         # CUDA records on the second use (a warm-up first); the simulation at once, so that tests replay.
         self.record_at = 2 if backend == 'cuda' else 1
         self.uses = 0
@@ -118,28 +129,30 @@ class CapturedGeneration:
         self.backward: Optional[_Recording] = None
         self.grad_in: Optional[Tensor] = None
 
-    def generate(self, virtual: torch.nn.Module) -> Tensor:
-        """The group's kernels, in the recording's fixed buffer once recorded
-        (overwritten by the next replay)."""
+    def generate(self, generate: Callable[[], Tensor]) -> Tensor:
+        """``generate()``: the group's kernels, in the recording's fixed buffer
+        once recorded (overwritten by the next replay).  ``generate`` reads
+        the packed storage only: a replay runs the recorded one."""
         self.uses += 1
         if self.generation is None:
             if self.uses < self.record_at:
-                return virtual.generate()
-            self.generation = _Recording(virtual.generate, self.backend)
+                return generate()
+            self.generation = _Recording(generate, self.backend)
             return self.generation.outputs  # type: ignore[return-value]
-        return self.generation.replay(virtual.generate)  # type: ignore[return-value]
+        return self.generation.replay()  # type: ignore[return-value]
 
-    def kernel_backward(self, virtual: torch.nn.Module, grad: Tensor) -> Dict[str, Tensor]:
-        """``virtual.kernel_backward(grad)``, replayed once recorded; fresh tensors either way."""
+    def kernel_backward(self, kernel_backward: Callable[[Tensor], Dict[str, Tensor]],
+                        grad: Tensor) -> Dict[str, Tensor]:
+        """``kernel_backward(grad)``, replayed once recorded; fresh tensors either way."""
         if self.generation is None:  # not recorded yet: this step ran eagerly
-            return virtual.kernel_backward(grad)
+            return kernel_backward(grad)
         if self.grad_in is None:
             self.grad_in = torch.empty_like(grad, memory_format=torch.contiguous_format)
         self.grad_in.copy_(grad)
         grad_in = self.grad_in
         if self.backward is None:
-            self.backward = _Recording(lambda: virtual.kernel_backward(grad_in), self.backend)
+            self.backward = _Recording(lambda: kernel_backward(grad_in), self.backend)
             outputs = self.backward.outputs
         else:
-            outputs = self.backward.replay(lambda: virtual.kernel_backward(grad_in))
+            outputs = self.backward.replay()
         return {name: g.clone() for name, g in outputs.items()}  # type: ignore[union-attr]
