@@ -1,81 +1,100 @@
-"""Batched generation under FSDP with ``use_orig_params=True`` (the mode of
-mmengine's ``FSDPStrategy`` that keeps per-layer parameters): the original
-parameters are views into FSDP's flat buffer, which FSDP sets again at every
-forward, and packing must not break them.  One process on the CPU (gloo),
-where FSDP runs unsharded (NO_SHARD); sharding across GPUs is for the GPU
-check.  Gradients over three SGD steps equal the per-layer definition's,
-with generation eager and replayed from recordings (simulated on the CPU:
-the replays read the storage they were recorded with, as a CUDA graph's
-do)."""
+"""Batched generation under mmengine's ``FSDPStrategy`` with
+``use_orig_params=True`` (the mode that keeps per-layer parameters, as
+mmengine's optimizer constructors need): the original parameters are views
+into FSDP's flat buffer, which FSDP sets again at every forward, and packing
+must not break them.  One process on the CPU (gloo), where FSDP runs
+unsharded (NO_SHARD); sharding needs several GPUs.  After three training
+steps through the strategy, the checkpoint it writes
+(``model_state_dict()``) equals the per-layer definition's after three SGD
+steps, with generation eager and replayed from recordings (simulated on the
+CPU: the replays read the storage they were recorded with, as a CUDA
+graph's do)."""
 from __future__ import annotations
 
 import os
 
 import pytest
 import torch
-from test_batched_generation import assert_same_grads, grads, loss_of, per_layer, resnet, run_workers  # noqa: F401  (per_layer: fixture)
+from mmengine.model import BaseModel
+from test_batched_generation import loss_of, per_layer, rel, resnet, run_workers  # noqa: F401  (per_layer: fixture)
 
 STEPS = 3
+LR = 0.01
 
 
-def _fsdp_worker(rank: int, rendezvous: str, path: str, capture: str) -> None:
+class _Net(BaseModel):
+    """The slim ResNet as an mmengine model whose loss is the tests' ``loss_of``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = resnet()
+
+    def forward(self, inputs: torch.Tensor, data_samples=None, mode: str = 'loss') -> dict:
+        return dict(loss=loss_of(self.net(inputs)))
+
+
+def _inputs() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+
+def _fsdp_worker(rank: int, rendezvous: str, work_dir: str, path: str, capture: str) -> None:
     import datetime
 
     import torch.distributed as dist
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from mmengine._strategy import FSDPStrategy
 
     from orepa_mm.layers import batched_generation, generation_capture
 
-    os.environ['GLOO_SOCKET_IFNAME'] = 'lo'
+    os.environ.update(GLOO_SOCKET_IFNAME='lo', RANK='0', LOCAL_RANK='0', WORLD_SIZE='1')
     dist.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
-    packs = []
-    original = batched_generation._Group._pack
+    packs, recordings = [], []
+    pack, record = batched_generation._Group._pack, generation_capture._Recording.__init__
 
-    def counting(self, members):
+    def counting_packs(self, members):
         packs.append(len(members))
-        return original(self, members)
-    batched_generation._Group._pack = counting
-    recordings = []
-    record = generation_capture._Recording.__init__
+        return pack(self, members)
 
     def counting_recordings(self, fn, backend):
         recordings.append(backend)
         return record(self, fn, backend)
+    batched_generation._Group._pack = counting_packs
     generation_capture._Recording.__init__ = counting_recordings
     generation_capture.set_generation_capture(capture)
-    model = FSDP(resnet(), use_orig_params=True, device_id=torch.device('cpu'))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    per_step, packs_per_step, recordings_per_step = [], [], []
+
+    # device_id: mmengine's default is the GPU of LOCAL_RANK.
+    strategy = FSDPStrategy(
+        work_dir=work_dir, env_kwargs=dict(dist_cfg=dict(backend='gloo')),
+        model_wrapper=dict(type='MMFullyShardedDataParallel', use_orig_params=True, device_id=torch.device('cpu')))
+    model, optim_wrapper = strategy.prepare(
+        _Net(), optim_wrapper=dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=LR)))
+    packs_per_step, recordings_per_step = [], []
     for _ in range(STEPS):
-        opt.zero_grad(set_to_none=True)
-        loss_of(model(x)).backward()
-        per_step.append({n.replace('_fsdp_wrapped_module.', ''): p.grad.detach().clone()
-                         for n, p in model.named_parameters() if p.grad is not None})
-        opt.step()
+        model.train_step(dict(inputs=_inputs()), optim_wrapper)
         packs_per_step.append(len(packs) - sum(packs_per_step))
         recordings_per_step.append(len(recordings) - sum(recordings_per_step))
-    torch.save(dict(grads=per_step, packs=packs_per_step, recordings=recordings_per_step), path)
+    torch.save(dict(state=strategy.model_state_dict(), packs=packs_per_step, recordings=recordings_per_step), path)
     os._exit(0)  # as in the DDP test: no process-group teardown at exit
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize('capture', ['off', 'simulate'], ids=['eager', 'replay'])
-def test_fsdp_use_orig_params_matches_per_layer(tmp_path, per_layer, capture):  # noqa: F811  (the fixture)
+def test_mmengine_fsdp_strategy_trains_like_per_layer(tmp_path, per_layer, capture):  # noqa: F811  (the fixture)
     path = str(tmp_path / 'fsdp.pt')
-    run_workers(_fsdp_worker, (str(tmp_path / 'rendezvous'), path, capture), nprocs=1)
+    run_workers(_fsdp_worker, (str(tmp_path / 'rendezvous'), str(tmp_path / 'work_dir'), path, capture), nprocs=1)
     got = torch.load(path)
     per_layer()
-    model = resnet()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    for step in range(STEPS):
-        opt.zero_grad(set_to_none=True)
-        loss_of(model(x)).backward()
-        assert_same_grads(grads(model), got['grads'][step], 1e-9)
+    model = _Net()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for _ in range(STEPS):
+        loss_of(model.net(_inputs())).backward()
         opt.step()
+        opt.zero_grad(set_to_none=True)
+    expected = model.state_dict()
+    assert got['state'].keys() == expected.keys(), sorted(set(got['state']) ^ set(expected))
+    worst = max((rel(expected[k].double(), got['state'][k].double()), k) for k in expected)
+    assert worst[0] <= 1e-9, f'{worst[1]} differs by {worst[0]:.2e} (relative)'
     # FSDP points the parameters back into its flat buffer at every forward, so
     # every group packs again every step: exact, at the cost of one copy of the
     # parameters per step (measured here; a known cost under FSDP).
