@@ -468,7 +468,7 @@ def test_operators_per_step_do_not_grow_with_depth():
 
 
 # -- DDP ---------------------------------------------------------------------------------
-def _ddp_worker(rank: int, world: int, rendezvous: str, path: str) -> None:
+def _ddp_worker(rank: int, world: int, rendezvous: str, path: str, device_type: str, capture: str) -> None:
     import datetime
 
     import torch.distributed as dist
@@ -477,20 +477,32 @@ def _ddp_worker(rank: int, world: int, rendezvous: str, path: str) -> None:
     # timeout: a sandbox whose hostname resolves to an unreachable address must
     # fail this test quickly instead of hanging the suite.
     os.environ['GLOO_SOCKET_IFNAME'] = 'lo'
-    dist.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo', init_method=f'file://{rendezvous}',
+                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
-    model = nn.parallel.DistributedDataParallel(resnet())
-    x = torch.randn(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    loss_of(model(x[2 * rank:2 * rank + 2])).backward()
+    if device_type == 'cuda':  # as the device fixture sets it up
+        torch.cuda.set_device(rank)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.set_default_device('cuda')
+    set_generation_capture(capture)
+    model = nn.parallel.DistributedDataParallel(resnet(), device_ids=[rank] if device_type == 'cuda' else None)
+    x = _ddp_inputs(world).to(device_type)
+    for _ in range(2):  # the second step replays what the first recorded (capture on)
+        model.zero_grad(set_to_none=True)
+        loss_of(model(x[2 * rank:2 * rank + 2])).backward()
     if rank == 0:
-        torch.save(grads(model.module), path)
+        torch.save({k: v.cpu() for k, v in grads(model.module).items()}, path)
     dist.barrier()
     # Leave without running destructors: tearing down DDP's reducer and the
     # gloo group at interpreter exit can deadlock (the group's worker thread
     # waits for the GIL that the destructor holds); seen in about one run in
     # a few under load.
     os._exit(0)
+
+
+def _ddp_inputs(world: int) -> torch.Tensor:
+    return torch.randn(2 * world, 3, 32, 32, dtype=torch.float64, device='cpu',
+                       generator=torch.Generator().manual_seed(0))
 
 
 def run_workers(worker, args: tuple, nprocs: int) -> None:
@@ -506,18 +518,22 @@ def run_workers(worker, args: tuple, nprocs: int) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_ddp_two_processes_match_one(tmp_path, per_layer):
+def test_ddp_matches_one_process(tmp_path, per_layer, device, capture):
+    """DDP's averaged gradients equal the per-layer definition's over the
+    whole batch: two processes over gloo on the CPU; on CUDA one process over
+    nccl (one card), which still runs DDP's reducer and its gradient hooks."""
+    world = 1 if device.type == 'cuda' else 2
     path = str(tmp_path / 'ddp_grads.pt')
-    run_workers(_ddp_worker, (2, str(tmp_path / 'rendezvous'), path), nprocs=2)
+    run_workers(_ddp_worker, (world, str(tmp_path / 'rendezvous'), path, device.type, capture), nprocs=world)
     got = torch.load(path)
     per_layer()
     model = resnet()
-    x = torch.randn(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    halves = []
-    for i in range(2):
+    x = _ddp_inputs(world).to(device)
+    parts = []
+    for i in range(world):
         model.zero_grad(set_to_none=True)
         loss_of(model(x[2 * i:2 * i + 2])).backward()
-        halves.append(grads(model))
-    expected = {k: (halves[0][k] + halves[1][k]) / 2 for k in halves[0]}
+        parts.append(grads(model))
+    expected = {k: sum(part[k] for part in parts).cpu() / world for k in parts[0]}
     assert_same_grads(expected, got, 1e-9)
 
