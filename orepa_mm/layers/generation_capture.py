@@ -92,7 +92,11 @@ class _Recording:
                 fn()
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # Thread-local: what is captured is this thread's own generation.
+            # Other threads (a pin-memory thread allocating, NCCL's watchdog
+            # querying events) may go on: in the default global mode their
+            # calls would fail while a layer records mid-step.
+            with torch.cuda.graph(self.graph, capture_error_mode='thread_local'):
                 self.outputs = fn()
             self.graph.replay()  # capture records without running: this computes the outputs
         else:
