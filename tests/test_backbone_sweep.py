@@ -338,3 +338,28 @@ def test_depthwise_3x3_widens_the_1x1_kxk_branch(scope: str) -> None:
         for m in depthwise:
             first = m.branches.weight_1x1_kxk_first if kind == 'OREPA' else m.weight_1x1_kxk_first
             assert first.shape[0] == 2 * m.in_channels, f'{kind}: 1x1-kxk width {first.shape[0]} for {m}'
+
+
+@pytest.mark.parametrize('key', ['mmpretrain.RepVGG', 'mmpretrain.MobileOne'])
+def test_own_switch_to_deploy_with_orepa_layers(key: str) -> None:
+    """RepVGG's and MobileOne's own ``switch_to_deploy()`` read their branch
+    convs' ``weight`` and assign the merged kernel with ``conv.weight.data =``
+    to a new conv built from ``conv_cfg``: with OREPA layers both are exact
+    (the new conv is an OREPA layer computing that kernel; ``fuse_model``
+    then makes it plain).  Not with DBB: its inner BNs add a bias that
+    ``weight`` does not carry, so fuse those with ``fuse_model`` first."""
+    model = _build(key, dict(type='OREPA'))
+    x = _input(key)
+    _train_step(model, x)
+    _randomise_bn(model)
+    model.eval()
+    with torch.no_grad():
+        expected = _outputs(model(x))
+        model.switch_to_deploy()
+        model.eval()  # (the blocks' new convs are built in training mode)
+        actual = _outputs(model(x))
+        fused = _outputs(orepa_mm.fuse_model(model)(x))
+    for i, (a, f, e) in enumerate(zip(actual, fused, expected)):
+        scale = e.abs().max().item()
+        assert (a - e).abs().max().item() / scale <= 1e-5, f'{key}: output {i} after switch_to_deploy'
+        assert (f - e).abs().max().item() / scale <= 1e-5, f'{key}: output {i} after switch_to_deploy and fuse'

@@ -140,3 +140,37 @@ def test_checkpoint_after_init_wins_and_copies_keep_the_init(cls) -> None:
     k2, b2 = _effective(layer2)
     k_other, b_other = _effective(other)
     assert torch.equal(k2, k_other) and torch.equal(b2, b_other)
+
+
+@pytest.mark.parametrize('write', ['data-assign', 'data-inplace'])
+@pytest.mark.parametrize('cls', LAYERS, ids=lambda c: c.__name__)
+def test_writes_through_data_are_not_lost(cls, write: str) -> None:
+    """``weight.data = kernel`` (some re-param blocks' own ``switch_to_deploy``)
+    and ``weight.data.normal_()`` (older init code) bump no version counter of
+    the handed-out tensor; the layer still becomes the written conv."""
+    layer = _layer(cls, SHAPES[0])
+    torch.manual_seed(1)
+    kernel = torch.randn_like(layer.weight.detach())
+    if write == 'data-assign':
+        layer.weight.data = kernel
+    else:
+        layer.weight.data.copy_(kernel)
+    _assert_computes(layer, kernel, layer.bias.detach())
+
+
+@pytest.mark.parametrize('cls', LAYERS, ids=lambda c: c.__name__)
+def test_reading_weight_changes_nothing(cls) -> None:
+    layer = _layer(cls, SHAPES[0]).eval()  # (DBB's BNs would update their statistics in training)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.weight.sum()
+    layer(torch.randn(1, 8, 5, 5))
+    after = layer.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize('cls', LAYERS, ids=lambda c: c.__name__)
+def test_weight_of_another_shape_is_refused(cls) -> None:
+    layer = _layer(cls, SHAPES[0])
+    layer.weight.data = torch.zeros(4, 8, 3, 3)
+    with pytest.raises(ValueError, match=r'shape \(4, 8, 3, 3\).*\(16, 8, 3, 3\)'):
+        layer(torch.randn(1, 8, 5, 5))

@@ -63,6 +63,12 @@ class ConstantBuffers(nn.Module):
         return result
 
 
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """Equal, NaN where the other has NaN (an unwritten NaN kernel is not a write)."""
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device \
+        and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
 class ReparamConv2d(nn.Module):
     """Base of the multi-branch convs that fuse into one ``nn.Conv2d``.
 
@@ -117,8 +123,8 @@ class ReparamConv2d(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_channels))
         else:
             self.register_parameter('bias', None)
-        #: The last kernel handed out by :attr:`weight` and its version then.
-        self._weight_handout: Optional[Tuple[Tensor, int]] = None
+        #: The last kernel handed out by :attr:`weight`, its storage address and a copy of its values then.
+        self._weight_handout: Optional[Tuple[Tensor, int, Tensor]] = None
 
     # -- helpers for subclasses -------------------------------------------------
     def _pad_input(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
@@ -147,28 +153,35 @@ class ReparamConv2d(nn.Module):
     def weight(self) -> Tensor:
         """The kernel the layer applies now (derived from the branches, not a parameter).
 
-        Writing into the returned tensor in place, as mmengine's initialisers
+        Writing into the returned tensor, in place as mmengine's initialisers
         do (``normal_init``, ``constant_init``, ``kaiming_init``,
-        ``xavier_init``, ``init_cfg`` with ``layer=`` or ``override=``), is not
-        lost: before the layer is next used (forward, ``weight``,
-        ``state_dict``, ``load_state_dict``, ``fuse``, ``train``/``eval``,
-        copying) the written kernel is loaded with :meth:`load_plain_kernel`,
-        so the layer starts as exactly that initialised conv.
+        ``xavier_init``, ``init_cfg`` with ``layer=`` or ``override=``),
+        through ``.data`` (``weight.data.normal_()``) or by replacing its data
+        (``weight.data = kernel``, as some re-param blocks' own
+        ``switch_to_deploy`` do), is not lost: before the layer is next used
+        (forward, ``weight``, ``state_dict``, ``load_state_dict``, ``fuse``,
+        ``train``/``eval``, copying) the written kernel is loaded with
+        :meth:`load_plain_kernel`, so the layer becomes exactly that conv.
         """
         self.apply_weight_writes()
         kernel = self.current_kernel()
-        try:
-            self._weight_handout = (kernel, kernel._version)
-        except RuntimeError:  # an inference tensor has no version counter: nothing can be tracked
-            self._weight_handout = None
+        # The values are compared, not the version counter: a write through
+        # ``.data`` bumps no counter of the handed-out tensor.
+        self._weight_handout = (kernel, kernel.data_ptr(), kernel.detach().clone())
         return kernel
 
     def apply_weight_writes(self) -> None:
         """Load the kernel last handed out by :attr:`weight` if it was written to since."""
         handout, self._weight_handout = self._weight_handout, None
-        if handout is not None and handout[0]._version != handout[1]:
+        if handout is None:
+            return
+        kernel, address, values = handout
+        if kernel.data_ptr() != address or not _same_values(kernel.detach(), values):
+            if kernel.shape != values.shape:
+                raise ValueError(f'{type(self).__name__}.weight was given the shape {tuple(kernel.shape)}; '
+                                 f'the layer computes a {tuple(values.shape)} kernel')
             with torch.no_grad():
-                self.load_plain_kernel(handout[0].detach())
+                self.load_plain_kernel(kernel.detach().to(values.dtype))
 
     def train(self, mode: bool = True) -> 'ReparamConv2d':
         self.apply_weight_writes()
