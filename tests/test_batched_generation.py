@@ -479,11 +479,7 @@ def _ddp_worker(rank: int, world: int, rendezvous: str, path: str, device_type: 
     os.environ['GLOO_SOCKET_IFNAME'] = 'lo'
     dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo', init_method=f'file://{rendezvous}',
                             rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    torch.set_num_threads(1)
-    if device_type == 'cuda':  # as the device fixture sets it up
-        torch.cuda.set_device(rank)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        torch.set_default_device('cuda')
+    use_device_in_worker(device_type, rank)
     set_generation_capture(capture)
     model = nn.parallel.DistributedDataParallel(resnet(), device_ids=[rank] if device_type == 'cuda' else None)
     x = _ddp_inputs(world).to(device_type)
@@ -498,6 +494,16 @@ def _ddp_worker(rank: int, world: int, rendezvous: str, path: str, device_type: 
     # waits for the GIL that the destructor holds); seen in about one run in
     # a few under load.
     os._exit(0)
+
+
+def use_device_in_worker(device_type: str, rank: int) -> None:
+    """In a spawned worker, the device as the ``device`` fixture sets it up: on
+    CUDA the rank's card, TF32 off, new tensors there; one intra-op thread."""
+    torch.set_num_threads(1)
+    if device_type == 'cuda':
+        torch.cuda.set_device(rank)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.set_default_device('cuda')
 
 
 def _ddp_inputs(world: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 from mmengine.model import BaseModel
-from test_batched_generation import capture, loss_of, per_layer, rel, resnet, run_workers  # noqa: F401  (fixtures)
+from test_batched_generation import capture, loss_of, per_layer, rel, resnet, run_workers, use_device_in_worker  # noqa: F401  (capture, per_layer: fixtures)
 
 pytestmark = pytest.mark.core  # mmengine and torch only: the GPU check and the compatibility job run it
 
@@ -52,11 +52,7 @@ def _fsdp_worker(rank: int, rendezvous: str, work_dir: str, path: str, device_ty
     on_cuda = device_type == 'cuda'
     dist.init_process_group('nccl' if on_cuda else 'gloo', init_method=f'file://{rendezvous}', rank=0,
                             world_size=1, timeout=datetime.timedelta(seconds=60))
-    torch.set_num_threads(1)
-    if on_cuda:  # as the device fixture sets it up
-        torch.cuda.set_device(0)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        torch.set_default_device('cuda')
+    use_device_in_worker(device_type, 0)
     packs, recordings = [], []
     pack, record = batched_generation._Group._pack, generation_capture._Recording.__init__
 

@@ -123,8 +123,8 @@ class ReparamConv2d(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_channels))
         else:
             self.register_parameter('bias', None)
-        #: The last kernel handed out by :attr:`weight`, its storage address and a copy of its values then.
-        self._weight_handout: Optional[Tuple[Tensor, int, Tensor]] = None
+        #: The last kernel handed out by :attr:`weight` and a copy of its values then.
+        self._weight_handout: Optional[Tuple[Tensor, Tensor]] = None
 
     # -- helpers for subclasses -------------------------------------------------
     def _pad_input(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
@@ -167,7 +167,7 @@ class ReparamConv2d(nn.Module):
         kernel = self.current_kernel()
         # The values are compared, not the version counter: a write through
         # ``.data`` bumps no counter of the handed-out tensor.
-        self._weight_handout = (kernel, kernel.data_ptr(), kernel.detach().clone())
+        self._weight_handout = (kernel, kernel.detach().clone())
         return kernel
 
     def apply_weight_writes(self) -> None:
@@ -175,8 +175,8 @@ class ReparamConv2d(nn.Module):
         handout, self._weight_handout = self._weight_handout, None
         if handout is None:
             return
-        kernel, address, values = handout
-        if kernel.data_ptr() != address or not _same_values(kernel.detach(), values):
+        kernel, values = handout
+        if not _same_values(kernel.detach(), values):  # shape, dtype, device or values (.data = ... too)
             if kernel.shape != values.shape:
                 raise ValueError(f'{type(self).__name__}.weight was given the shape {tuple(kernel.shape)}; '
                                  f'the layer computes a {tuple(values.shape)} kernel')

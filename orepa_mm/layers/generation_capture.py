@@ -123,9 +123,9 @@ class CapturedGeneration:
     of the virtual generator they were recorded with, ``storage``: the
     packed ``(n, *shape)`` tensor per parameter name, kept alive here."""
 
-    def __init__(self, backend: str, storage: Optional[Dict[str, Tensor]] = None) -> None:
+    def __init__(self, backend: str, storage: Dict[str, Tensor]) -> None:
         self.backend = backend
-        self.storage: Dict[str, Tensor] = dict(storage or {})
+        self.storage = storage
         # CUDA records on the second use (a warm-up first); the simulation at once, so that tests replay.
         self.record_at = 2 if backend == 'cuda' else 1
         self.uses = 0
