@@ -2,17 +2,29 @@
 # first (idempotent, fast when already done).
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-compat lint benchmark gpu-wheels gpu-check
+.PHONY: setup demo test test-compat test-users lint benchmark gpu-wheels gpu-check
 setup:
 	bash scripts/setup.sh
 
 demo: setup
 	$(PY) -W "ignore:pkg_resources is deprecated" tools/demo.py
 
-# The whole suite on the pinned stack, then the compatibility job.
+# pytest over both cores: whole files per worker (module fixtures run once),
+# and the expensive session fixtures shared by the workers (tests/conftest.py).
+XDIST ?= -n 2 --dist loadfile
+
+# The whole suite on the pinned stack, then the compatibility job, then the
+# whole suite again on the users' stack.
 test: setup
-	$(PY) -m pytest tests -q -ra --durations=15
+	$(PY) -m pytest tests $(XDIST) -q -ra --durations=15
 	$(MAKE) --no-print-directory test-compat
+	$(MAKE) --no-print-directory test-users
+
+# The whole suite on the stack mmdet 3.x users have (Python 3.10, torch 2.1.2,
+# numpy 1.26, mmcv 2.1.0 with ops: requirements/users.txt) in .venv-users,
+# orepa_mm installed on top with the README's `pip install -e .`.
+test-users:
+	bash scripts/test_users_stack.sh $(XDIST) --durations=15
 
 # The library tests on the oldest supported stack (Python 3.8, torch 2.1, mmengine 0.10.0) in .venv-compat.
 test-compat:

@@ -74,6 +74,7 @@ what the tools use to read and write checkpoints and configs.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import pickle
 import re
@@ -121,8 +122,19 @@ def _history_buffer_getattr(obj: Any, name: Any) -> Any:
         f'for HistoryBuffer.{{{",".join(HISTORY_BUFFER_STATISTICS)}}}')
 
 
-def _numpy_core():
-    return np._core if hasattr(np, '_core') else np.core  # numpy 2 renamed numpy.core
+def numpy_core():
+    """numpy's core package with the submodules the allowlist reads imported.
+
+    numpy 2 renamed ``numpy.core`` to ``numpy._core``.  numpy 1.26 also has a
+    ``numpy._core`` forward-compatibility shim, which becomes an attribute of
+    ``numpy`` as soon as anything imports one of its submodules (mmcv imports
+    ``numpy._core._multiarray_umath``), while its ``multiarray`` is not an
+    attribute until imported.  So the package is chosen by numpy's major
+    version, never by ``hasattr``, and its submodules are imported by name."""
+    name = 'numpy._core' if int(np.__version__.split('.')[0]) >= 2 else 'numpy.core'
+    for submodule in ('multiarray', '_internal'):
+        importlib.import_module(f'{name}.{submodule}')
+    return importlib.import_module(name)
 
 
 def numpy_dtype_classes() -> List[type]:
@@ -144,14 +156,14 @@ def numpy_dtype_classes() -> List[type]:
 def _numpy_reconstructors() -> List[Any]:
     """numpy's pickle reconstruction callables, each under its own name and
     under its numpy 1.x / 2.x spelling."""
-    multiarray = _numpy_core().multiarray
+    multiarray = numpy_core().multiarray
     entries: List[Any] = [np.ndarray, np.dtype]
     for fn in (multiarray._reconstruct, multiarray.scalar):
         entries.append(fn)
         for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
             if fn.__module__ != module:
                 entries.append((fn, f'{module}.{fn.__name__}'))
-    internal = getattr(_numpy_core(), '_internal', None)
+    internal = getattr(numpy_core(), '_internal', None)
     stringdtype = getattr(internal, '_convert_to_stringdtype_kwargs', None)
     if stringdtype is not None:
         entries.append(stringdtype)

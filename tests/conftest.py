@@ -1,13 +1,17 @@
 """Shared fixtures: the repository root, toy data and subprocess helpers."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import os
+import pickle
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import pytest
 import torch
@@ -96,16 +100,53 @@ def device(request) -> Iterator[torch.device]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
-@pytest.fixture(scope='session')
-def toy_root(tmp_path_factory) -> Path:
-    """A working directory holding ``data/toy/{coco,cityscapes,imagenet}``
-    (small sets), so configs with ``data_root='data/toy/...'`` run from it unchanged."""
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``lock`` (shared by the xdist workers' processes)."""
+    with open(lock, 'a') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def once_per_run(tmp_path_factory, name: str, make: Callable[[Path], Any]) -> Any:
+    """``make(folder)``, computed once per test run and shared by every xdist worker.
+
+    The first worker to ask runs it in ``<run>/shared/<name>/`` while the others
+    wait on a lock, then all read its pickled result: an expensive fixture (toy
+    data, a training run) costs the same with ``-n 2`` as in one process.  A
+    ``make`` that raised is retried by the next worker that asks."""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base) / 'shared'
+    shared.mkdir(exist_ok=True)
+    done = shared / f'{name}.pkl'
+    with _exclusive(shared / f'{name}.lock'):
+        if done.is_file():
+            return pickle.loads(done.read_bytes())
+        folder = shared / name
+        shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+        folder.mkdir()
+        value = make(folder)
+        done.write_bytes(pickle.dumps(value))
+        return value
+
+
+def _make_toy_data(root: Path) -> Path:
     from orepa_mm import toy_data as toy
-    root = tmp_path_factory.mktemp('toywork')
     toy.make_coco(root / 'data' / 'toy' / 'coco', 16, 8, 160, 0)
     toy.make_cityscapes(root / 'data' / 'toy' / 'cityscapes', 8, 4, (128, 256), 0)
     toy.make_imagenet(root / 'data' / 'toy' / 'imagenet', 48, 24, 64, 0)
     return root
+
+
+@pytest.fixture(scope='session')
+def toy_root(tmp_path_factory) -> Path:
+    """A working directory holding ``data/toy/{coco,cityscapes,imagenet}``
+    (small sets), so configs with ``data_root='data/toy/...'`` run from it unchanged.
+    One per test run (:func:`once_per_run`): tests write into it under names of their own."""
+    return once_per_run(tmp_path_factory, 'toywork', _make_toy_data)
 
 
 @pytest.fixture(scope='session')
@@ -153,19 +194,36 @@ def mim_train_and_test(framework: str, cfg: Path, toy_root: Path, name: str, ite
     return dict(work=work, ckpt=ckpt, train=train.stdout + train.stderr, test=test.stdout + test.stderr)
 
 
-@pytest.fixture(scope='module')
-def det_run(toy_root: Path) -> dict:
-    return mim_train_and_test('mmdet', DET_CFG, toy_root, 'det', DET_ITERS, DET_ITERS // 2, DET_KEEP_ALL,
-                              ['--out', str(toy_root / 'det_preds.pkl'), '--cfg-options'] + DET_KEEP_ALL)
+@pytest.fixture(scope='session')
+def det_run(toy_root: Path, tmp_path_factory) -> dict:
+    """The toy OREPA Faster R-CNN trained and tested with ``mim``, once per test run."""
+    return once_per_run(tmp_path_factory, 'det_run', lambda _: mim_train_and_test(
+        'mmdet', DET_CFG, toy_root, 'det', DET_ITERS, DET_ITERS // 2, DET_KEEP_ALL,
+        ['--out', str(toy_root / 'det_preds.pkl'), '--cfg-options'] + DET_KEEP_ALL))
 
 
-@pytest.fixture(scope='module')
-def seg_run(toy_root: Path) -> dict:
-    return mim_train_and_test('mmseg', SEG_CFG, toy_root, 'seg', SEG_ITERS, SEG_ITERS)
+@pytest.fixture(scope='session')
+def seg_run(toy_root: Path, tmp_path_factory) -> dict:
+    """The toy OREPA PSPNet trained and tested with ``mim``, once per test run."""
+    return once_per_run(tmp_path_factory, 'seg_run',
+                        lambda _: mim_train_and_test('mmseg', SEG_CFG, toy_root, 'seg', SEG_ITERS, SEG_ITERS))
 
 
 # -- figures that tests measure and report (printed at the end of the run) --------
 REPORT: dict = {}
+
+
+def pytest_sessionfinish(session) -> None:
+    """Under xdist, a worker hands its measurements to the controller."""
+    workeroutput = getattr(session.config, 'workeroutput', None)
+    if workeroutput is not None:
+        workeroutput['orepa_mm_report'] = dict(REPORT)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """xdist's controller: collect a finished worker's measurements."""
+    REPORT.update(getattr(node, 'workeroutput', {}).get('orepa_mm_report', {}))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

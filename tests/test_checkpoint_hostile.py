@@ -22,7 +22,7 @@ from mmengine.logging import HistoryBuffer
 
 from checkpoint_loaders import LOADERS, load_mmengine, load_orepa, load_torch, save_with_meta
 from orepa_mm import checkpoint as ckpt_io
-from orepa_mm.checkpoint import CheckpointError
+from orepa_mm.checkpoint import CheckpointError, numpy_core
 
 # The library itself: run on the oldest supported torch too (the compatibility job).
 pytestmark = pytest.mark.core
@@ -154,7 +154,7 @@ class _Array:
         self.dtype, self.data, self.n = dtype, data, n
 
     def __reduce__(self):
-        core = np._core if hasattr(np, '_core') else np.core
+        core = numpy_core()
         return (core.multiarray._reconstruct, (np.ndarray, (0,), b'b'), (1, (self.n,), self.dtype, False, self.data))
 
 

@@ -11,10 +11,12 @@ tested in ``test_checkpoint_hostile.py``.
 from __future__ import annotations
 
 import builtins
+import importlib.util
 import os
 import pickle
 import pickletools
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
@@ -30,7 +32,7 @@ from checkpoint_loaders import LOADERS, save_with_meta
 from conftest import SEG_CFG, bin_path, run
 from orepa_mm import checkpoint as ckpt_io
 from orepa_mm import compat
-from orepa_mm.checkpoint import load_checkpoint_file, safe_globals
+from orepa_mm.checkpoint import load_checkpoint_file, numpy_core, safe_globals
 
 # The library itself: run on the oldest supported torch too (the compatibility job).
 pytestmark = pytest.mark.core
@@ -51,7 +53,7 @@ def _entry_names() -> Dict[str, Any]:
 
 # -- the allowlist is made of inert kinds --------------------------------------------
 def test_allowlist_entries_are_inert_data_kinds():
-    core = np._core if hasattr(np, '_core') else np.core
+    core = numpy_core()
     reconstruction = {core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray}
     stringdtype = getattr(getattr(core, '_internal', None), '_convert_to_stringdtype_kwargs', None)
     if stringdtype is not None:
@@ -106,6 +108,22 @@ def test_install_is_idempotent():
     local = CheckpointLoader._schemes['']
     assert local.__orepa_mm_checked__ and not getattr(local.__wrapped__, '__orepa_mm_checked__', False)
     assert local.__name__ == 'load_from_local'  # mmengine logs "Loads checkpoint by local backend"
+
+
+def test_allowlist_builds_after_numpy_core_shim_was_imported():
+    """numpy 1.26 ships a ``numpy._core`` shim: once something imports one of its
+    submodules (mmcv imports ``numpy._core._multiarray_umath``), ``np._core`` is an
+    attribute but ``np._core.multiarray`` is not.  Building the allowlist must not
+    depend on that (it raised AttributeError at ``import orepa_mm``).  In a fresh
+    interpreter, so that nothing else has imported numpy's submodules yet."""
+    if importlib.util.find_spec('numpy._core') is None:
+        pytest.skip(f'numpy {np.__version__} has no numpy._core (the shim came with numpy 1.25)')
+    code = ('import numpy._core._multiarray_umath\n'
+            'from orepa_mm.checkpoint import safe_globals\n'
+            'print(len(safe_globals()))\n')
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) == len(safe_globals())
 
 
 # -- every numpy dtype, as scalar and as array ---------------------------------------------

@@ -141,7 +141,8 @@ def _packed(first: Tensor, n: int) -> Tensor:
 
 
 def _versions(generator: nn.Module) -> tuple:
-    return tuple(p._version for p in generator.parameters(recurse=False))
+    # The address too: ``p.data = t`` replaces the data without moving the version.
+    return tuple((p._version, p.data_ptr()) for p in generator.parameters(recurse=False))
 
 
 class _Group:

@@ -27,6 +27,7 @@ from torch import Tensor
 from .. import compat
 from .base import IntOrPair, ReparamConv2d
 from .batched_generation import training_conv
+from .kernel_cache import KernelCache
 from .kernel_generator import ALL_BRANCHES, SCALINGS, KernelGenerator
 from .orepa_branches import OREPA1x1Branches, OREPAKxKBranches, OREPAStackedBranches
 
@@ -86,12 +87,12 @@ class OREPAConv2d(ReparamConv2d):
     In training the kernel comes from one generation shared by every OREPA
     layer of the same shape (:mod:`orepa_mm.layers.batched_generation`);
     the parameters stay this layer's own.  In eval/no-grad use the generated
-    kernel is cached and reused until a parameter changes (optimizer steps,
-    ``load_state_dict``, any in-place op on a parameter, moving the module)
-    or ``train()``/``eval()`` is called, so unfused evaluation costs one
-    plain conv.  Writes through ``p.data`` bypass PyTorch's version
-    counters; call ``eval()`` again after them.  ``fuse()`` returns the
-    equivalent ``nn.Conv2d``.
+    kernel is cached and reused only while every branch parameter holds the
+    values it held when the kernel was generated, however it was written
+    (:class:`~orepa_mm.layers.kernel_cache.KernelCache` says what is
+    compared and why that is safe), so unfused evaluation costs one plain
+    conv and an EMA copy or momentum encoder never runs a stale kernel.
+    ``fuse()`` returns the equivalent ``nn.Conv2d``.
 
     Args beyond ``nn.Conv2d``'s:
         large_kernel_threshold: smallest kernel built as stacked 3x3 blocks.
@@ -122,7 +123,7 @@ class OREPAConv2d(ReparamConv2d):
         self.branches = build_branches(in_channels, out_channels, self.kernel_size[0], groups,
                                        large_kernel_threshold, branches, scaling)
         self.single_init = single_init
-        self._cache: Optional[Tuple[tuple, Tensor]] = None
+        self._cache: Optional[KernelCache] = None
         if single_init:
             self.branches.reset_parameters(single_init=True)
         if device is not None or dtype is not None:
@@ -143,23 +144,17 @@ class OREPAConv2d(ReparamConv2d):
         values.update(self.branches.plain_state(kernel))
         self.branches.load_state_dict(values)
 
-    def _cache_key(self) -> tuple:
-        # A parameter's version counter moves on every in-place update
-        # (optimizer steps, load_state_dict's copy_); data_ptr/dtype catch
-        # .to()/.half() replacing its storage.
-        return tuple((t.data_ptr(), t._version, t.dtype) for t in self.branches.parameters())
-
     def _cached_kernel(self) -> Tensor:
-        try:
-            key = self._cache_key()
-        except RuntimeError:  # inference tensors have no version counter
-            return self.branches()
-        if self._cache is None or self._cache[0] != key:
-            # Not an inference tensor, even when filled under inference_mode,
-            # so that a later grad-mode forward of a frozen layer can use it.
-            with torch.inference_mode(False), torch.no_grad():
-                self._cache = (key, self.branches())
-        return self._cache[1]
+        """The generated kernel, reused while every branch parameter is what it
+        was when the kernel was generated (:class:`KernelCache`)."""
+        params = list(self.branches.parameters())
+        if self._cache is not None and self._cache.holds(params):
+            return self._cache.kernel
+        # Not an inference tensor, even when filled under inference_mode,
+        # so that a later grad-mode forward of a frozen layer can use it.
+        with torch.inference_mode(False), torch.no_grad():
+            self._cache = KernelCache.of(params, self.branches())
+        return self._cache.kernel
 
     def train(self, mode: bool = True) -> 'OREPAConv2d':
         self._cache = None
@@ -175,7 +170,10 @@ class OREPAConv2d(ReparamConv2d):
             self.apply_weight_writes()
         x, padding = self._pad_input(x)
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.branches.parameters()):
-            if compat.is_compiling():  # the generator's formula, which dynamo traces
+            # Traced by dynamo; and in eval mode (input gradients, a teacher run
+            # without no_grad), where no backward may ever come to retire a
+            # batched generation: this forward's own kernel, never an earlier one.
+            if compat.is_compiling() or not self.training:
                 return F.conv2d(x, self.branches(), self.bias, self.stride, padding, self.dilation, self.groups)
             return training_conv(self, x, padding)  # generated with the other layers of its shape
         # No gradient for the branches (evaluation, frozen stages): the kernel
