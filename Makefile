@@ -9,9 +9,9 @@ setup:
 demo: setup
 	$(PY) -W "ignore:pkg_resources is deprecated" tools/demo.py
 
-# pytest over both cores: whole files per worker (module fixtures run once),
+# pytest over both cores, test by test (a file whose module fixture writes files stays on one worker),
 # and the expensive session fixtures shared by the workers (tests/conftest.py).
-XDIST ?= -n 2 --dist loadfile
+XDIST ?= -n 2 --dist loadgroup
 
 # The whole suite on the pinned stack, then the compatibility job, then the
 # whole suite again on the users' stack.
@@ -26,9 +26,12 @@ test: setup
 test-users:
 	bash scripts/test_users_stack.sh $(XDIST) --durations=15
 
-# The library tests on the oldest supported stack (Python 3.8, torch 2.1, mmengine 0.10.0) in .venv-compat.
+# The library tests at the ends of the ranges: the oldest stack (Python 3.8,
+# torch 2.1, numpy 1.24, mmengine 0.10.0) in .venv-compat, and numpy 2 on
+# Python 3.12 with the oldest torch that runs with it, in .venv-compat-numpy2.
 test-compat:
-	bash scripts/test_compat.sh
+	bash scripts/test_compat.sh oldest
+	bash scripts/test_compat.sh numpy2
 
 lint: setup
 	$(PY) -m ruff check orepa_mm tools tests configs

@@ -32,8 +32,9 @@ setup(
     long_description=(HERE / 'README.md').read_text(),
     long_description_content_type='text/markdown',
     packages=find_packages(include=['orepa_mm', 'orepa_mm.*']),
-    # 3.8: the compatibility job; 3.11: the pinned stack (mmcv 2.1.0 has no build for newer Pythons).
-    python_requires='>=3.8,<3.12',
+    # 3.8: the oldest compatibility job; 3.10: the users' stack; 3.11: the pinned stack; 3.12: the numpy 2
+    # job (the library with mmcv-lite: mmcv 2.1.0's compiled ops have no build for Pythons after 3.11).
+    python_requires='>=3.8,<3.13',
     install_requires=requirements('runtime'),
     extras_require={
         'mmdet': requirements('mmdet'),

@@ -251,7 +251,26 @@ def pytest_ignore_collect(collection_path: Path, config) -> Optional[bool]:
     return None
 
 
+def _writes_files_once_per_module(item) -> bool:
+    """Whether ``item`` uses a module-scoped fixture of its own file that writes files
+    (it asks for the shared toy working directory or for pytest's temporary folders)."""
+    module_id = item.nodeid.split('::')[0]
+    for defs in item._fixtureinfo.name2fixturedefs.values():
+        for d in defs:
+            if d.scope == 'module' and d.baseid == module_id and {'toy_root', 'tmp_path_factory'} & set(d.argnames):
+                return True
+    return False
+
+
 def pytest_collection_modifyitems(config, items) -> None:
+    # Under xdist (`--dist loadgroup`) tests spread over the workers one by one,
+    # except a file whose module fixture writes files (a training run, a
+    # converted checkpoint): its tests stay on one worker, so that the fixture
+    # runs once and two workers never write the same paths.
+    if config.pluginmanager.hasplugin('xdist'):
+        for item in items:
+            if _writes_files_once_per_module(item):
+                item.add_marker(pytest.mark.xdist_group(item.nodeid.split('::')[0]))
     if not config.getoption('--core'):
         return
     keep = [item for item in items if item.get_closest_marker('core') and not item.get_closest_marker('slow')]

@@ -1,8 +1,9 @@
 """Training schemes that run a second copy of an OREPA model, through mmengine's Runner.
 
 * mmdet with ``EMAHook`` (the RTMDet/YOLOX recipe), validation on the EMA weights;
-* mmpretrain's MoCo v2 and BYOL, whose momentum encoders (``CosineEMA``) run in
-  train mode under ``no_grad`` and are written through ``.data``.
+* mmpretrain's MoCo v2 and BYOL, whose momentum encoders (mmengine's
+  ``ExponentialMovingAverage`` for MoCo, ``CosineEMA`` for BYOL) run in train
+  mode under ``no_grad`` and are written through ``.data``.
 
 At every iteration a hook runs each model of the run (the trained one, the
 averaged one) on a fixed input and compares it with a model built anew from
@@ -127,14 +128,16 @@ def _selfsup_cfg(base: str, model: dict) -> Config:
         custom_imports=dict(imports=['orepa_mm'], allow_failed_imports=False),
         model=model,
         train_dataloader=dict(
-            batch_size=4, num_workers=0, persistent_workers=False,
-            sampler=dict(type='InfiniteSampler', shuffle=True),
-            dataset=dict(data_root='data/toy/imagenet', split='train', pipeline=[
+            batch_size=4, num_workers=0, persistent_workers=False, drop_last=True,
+            sampler=dict(type='DefaultSampler', shuffle=True),
+            dataset=dict(data_root='data/toy/imagenet', split='train', indices=4 * ITERS, pipeline=[
                 dict(type='LoadImageFromFile'),
                 dict(type='MultiView', num_views=2, transforms=[view]),
                 dict(type='PackInputs')])),
-        train_cfg=dict(_delete_=True, type='IterBasedTrainLoop', max_iters=ITERS),
-        param_scheduler=[], randomness=dict(seed=0), log_processor=dict(by_epoch=False),
+        # The configs' own loop: by epoch, so ``model.train()`` (which also drops
+        # OREPA's reused kernels) is called once, not at every iteration.
+        train_cfg=dict(_delete_=True, type='EpochBasedTrainLoop', max_epochs=1),
+        param_scheduler=[], randomness=dict(seed=0),
         env_cfg=dict(dist_cfg=dict(backend='gloo'))))
     cfg.optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.05, momentum=0.9))
     return cfg
@@ -143,7 +146,7 @@ def _selfsup_cfg(base: str, model: dict) -> Config:
 BACKBONE = dict(type='OREPAResNet', depth=18, stem_channels=16, base_channels=16, norm_cfg=dict(type='BN'),
                 zero_init_residual=False)
 SELF_SUP = {
-    'mocov2': ('mocov2/mocov2_resnet50_8xb32-coslr-200e_in1k.py', 'momentum_encoder', dict(
+    'mocov2': ('mocov2/mocov2_resnet50_8xb32-coslr-200e_in1k.py', 'encoder_k', dict(
         type='MoCo', queue_len=16, feat_dim=16, momentum=0.2, backbone=BACKBONE,
         neck=dict(type='MoCoV2Neck', in_channels=128, hid_channels=32, out_channels=16, with_avg_pool=True),
         head=dict(type='ContrastiveHead', loss=dict(type='CrossEntropyLoss'), temperature=0.2))),
@@ -159,7 +162,7 @@ SELF_SUP = {
 
 @pytest.mark.parametrize('method', SELF_SUP)
 def test_momentum_encoder(method: str, toy_root: Path, tmp_path: Path, monkeypatch) -> None:
-    """mmpretrain's momentum encoder (``CosineEMA`` over backbone and neck) in train mode under no_grad."""
+    """mmpretrain's momentum encoder (an EMA of backbone and neck) in train mode under no_grad."""
     import mmpretrain
     from mmpretrain.registry import MODELS
     from mmpretrain.utils import register_all_modules

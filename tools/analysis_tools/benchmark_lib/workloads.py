@@ -5,7 +5,8 @@ Workloads (:data:`WORKLOADS`): ``resnet18``/``resnet50`` (mmdet ``ResNet``,
 ``DBBResNet``, ``OREPAResNet`` backbones), ``faster-rcnn`` and ``pspnet`` (the
 repository's mmdet/mmseg configs), ``tv-faster-rcnn`` (torchvision's Faster
 R-CNN R50-FPN with its backbone convs swapped, for machines without mmcv's
-compiled ops).
+compiled ops), ``toy-fcos`` (the demo's toy detector, configs/toy; use it
+at its own 160x160).
 
 Variants (:data:`VARIANTS`): ``plain``, ``dbb`` (the paper's DBB baseline:
 DBB layers for the k x k convs, 1x1 convs and the stem plain) and ``orepa``
@@ -26,9 +27,10 @@ REPO = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 VARIANTS = ('plain', 'dbb', 'orepa')
 #: Variants measured unless the command line says otherwise.
 DEFAULT_VARIANTS = ('plain', 'dbb', 'orepa')
-WORKLOADS = ('resnet18', 'resnet50', 'faster-rcnn', 'pspnet', 'tv-faster-rcnn')
+WORKLOADS = ('resnet18', 'resnet50', 'faster-rcnn', 'pspnet', 'tv-faster-rcnn', 'toy-fcos')
 RESNET_TYPES = {'plain': 'ResNet', 'dbb': 'DBBResNet', 'orepa': 'OREPAResNet'}
 DET_CONFIG = 'configs/mmdet/faster-rcnn_r50-{variant}_fpn_1x_coco.py'
+TOY_DET_CONFIG = 'configs/toy/fcos_r18w32-{variant}_fpn_600i_toy-coco.py'
 SEG_CONFIG = 'configs/mmseg/pspnet_r50-d8-{variant}_4xb2-80k_cityscapes-512x1024.py'
 
 
@@ -219,6 +221,7 @@ class FasterRCNNWorkload(_ConfigWorkload):
     name = 'faster-rcnn'
     config_template = DET_CONFIG
     num_boxes = 3
+    num_classes = 80
 
     def build(self, variant: str) -> nn.Module:
         model = super().build(variant)
@@ -239,12 +242,26 @@ class FasterRCNNWorkload(_ConfigWorkload):
             sample = DetDataSample(metainfo=self._metainfo())
             sample.gt_instances = InstanceData(
                 bboxes=random_boxes(self.num_boxes, self.input_size, gen).to(self.device),
-                labels=torch.randint(0, 80, (self.num_boxes, ), generator=gen).to(self.device))
+                labels=torch.randint(0, self.num_classes, (self.num_boxes, ), generator=gen).to(self.device))
             self.train_samples.append(sample)
 
     def eval_samples(self) -> list:
         from mmdet.structures import DetDataSample
         return [DetDataSample(metainfo=self._metainfo()) for _ in range(self.batch_size)]
+
+
+class ToyFCOSWorkload(FasterRCNNWorkload):
+    """The demo's toy FCOS R18w32-FPN (configs/toy), 3 classes; 3 random gt boxes per image."""
+
+    name = 'toy-fcos'
+    config_template = TOY_DET_CONFIG
+    num_classes = 3
+
+    def build(self, variant: str) -> nn.Module:
+        return _ConfigWorkload.build(self, variant)
+
+    def stats(self, model: nn.Module, outputs: Any = None) -> Dict[str, int]:
+        return {} if outputs is None else dict(detections=sum(len(sample.pred_instances) for sample in outputs))
 
 
 class PSPNetWorkload(_ConfigWorkload):
@@ -329,4 +346,6 @@ def make_workload(name: str, batch_size: int, input_size: Tuple[int, int], devic
         return PSPNetWorkload(*args)
     if name == 'tv-faster-rcnn':
         return TorchvisionFasterRCNNWorkload(*args)
+    if name == 'toy-fcos':
+        return ToyFCOSWorkload(*args)
     raise ValueError(f'unknown workload {name!r}; choose from {WORKLOADS}')
