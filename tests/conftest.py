@@ -19,6 +19,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / 'tools'
 
+# Under xdist every worker (and every process it starts: mim, the tools) computes
+# on one thread: two workers with torch's default of one thread per core would
+# oversubscribe the cores, and OpenMP's spinning threads then slow both down.
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    for _var in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
+        os.environ[_var] = '1'
+    torch.set_num_threads(1)
+
 
 def load_tool(name: str):
     """Import ``tools/<name>.py`` as a module."""

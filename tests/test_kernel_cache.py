@@ -7,7 +7,8 @@ without ``no_grad``: the next forward equals a layer freshly built from the
 written layer's own ``state_dict``, bitwise.  Then the second-model schemes
 that need only mmengine and torch: mmengine's ``ExponentialMovingAverage`` as a
 momentum encoder, mmdet's mean-teacher update, a frozen distillation teacher
-and ``torch.optim.swa_utils.AveragedModel``, float64, at every step.
+and ``torch.optim.swa_utils.AveragedModel``, float64, at every step (on CUDA too
+where the GPU check runs them: the ``device`` fixture).
 The framework schemes (``EMAHook`` in a Runner, mmpretrain's MoCo) are in
 ``test_second_model_frameworks.py``.
 """
@@ -152,7 +153,7 @@ def _check_every_step(second: nn.Module, update: Callable[[nn.Module], None], st
     return errors
 
 
-def test_momentum_encoder_ema_is_never_stale() -> None:
+def test_momentum_encoder_ema_is_never_stale(device) -> None:
     """The issue's probe: mmengine's ExponentialMovingAverage (what EMAHook and
     mmpretrain's momentum encoders build), run in train mode under no_grad."""
     ema = ExponentialMovingAverage(_net(), momentum=0.2)
@@ -160,37 +161,35 @@ def test_momentum_encoder_ema_is_never_stale() -> None:
     assert errors == [0.0] * 4, errors
 
 
-def test_ema_teacher_in_eval_mode_is_never_stale() -> None:
+def test_ema_teacher_in_eval_mode_is_never_stale(device) -> None:
     ema = ExponentialMovingAverage(_net(), momentum=0.2, update_buffers=True)
     errors = _check_every_step(ema.module, ema.update_parameters, run_mode='eval')
     assert errors == [0.0] * 4, errors
 
 
-def test_mean_teacher_update_is_never_stale() -> None:
+def test_mean_teacher_update_is_never_stale(device) -> None:
     """mmdet's MeanTeacherHook.momentum_update on a student/teacher pair, as
     SemiBaseDetector holds them (the teacher frozen, run in eval)."""
     mmdet_hooks = pytest.importorskip('mmdet.engine.hooks', reason='mmdet (with mmcv ops) is not installed')
     hook = mmdet_hooks.MeanTeacherHook(momentum=0.3)
     pair = nn.Module()
     pair.teacher = _net().requires_grad_(False)
-    holder: Dict[str, nn.Module] = {}
 
     def update(student: nn.Module) -> None:
         pair.student = student
-        holder['x'] = student
         hook.momentum_update(pair, 0.3)
 
     errors = _check_every_step(pair.teacher, update, run_mode='eval')
     assert errors == [0.0] * 4, errors
 
 
-def test_swa_averaged_model_is_never_stale() -> None:
+def test_swa_averaged_model_is_never_stale(device) -> None:
     swa = AveragedModel(_net())
     errors = _check_every_step(swa.module, swa.update_parameters, run_mode='eval')
     assert errors == [0.0] * 4, errors
 
 
-def test_frozen_distillation_teacher_after_reload() -> None:
+def test_frozen_distillation_teacher_after_reload(device) -> None:
     """A frozen teacher (eval, requires_grad off) stays exact, also when its
     weights are swapped mid-training through ``.data`` copies."""
     teacher = _net().eval().requires_grad_(False)
