@@ -137,6 +137,16 @@ def numpy_core():
     return importlib.import_module(name)
 
 
+def numpy_scalar_types() -> List[type]:
+    """numpy's own scalar types among ``np.sctypeDict``'s values.
+
+    Told by the scalar type's module: packages such as ``ml_dtypes`` (imported
+    by onnx) register extension types there, and on numpy 1.x the dtype class
+    of such a type (``numpy.dtype[bfloat16]``) names numpy as its module."""
+    return sorted({t for t in np.sctypeDict.values() if t.__module__.split('.')[0] == 'numpy'},
+                  key=lambda t: t.__name__)
+
+
 def numpy_dtype_classes() -> List[type]:
     """Every numpy dtype class: the class of each scalar type's dtype in
     ``np.sctypeDict``, and every dtype class in ``numpy.dtypes`` (numpy >= 1.25).
@@ -145,7 +155,7 @@ def numpy_dtype_classes() -> List[type]:
     register extension dtypes in ``np.sctypeDict``; they are not what
     mmengine checkpoints hold, and the allowlist must not depend on what
     happens to be imported when it is built."""
-    classes = {type(np.dtype(t)) for t in set(np.sctypeDict.values())}
+    classes = {type(np.dtype(t)) for t in numpy_scalar_types()}
     module = getattr(np, 'dtypes', None)
     if module is not None:
         classes |= {c for c in vars(module).values() if isinstance(c, type) and issubclass(c, np.dtype)}

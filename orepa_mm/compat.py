@@ -10,6 +10,9 @@ of the torch functions, so that one torch range holds for the whole library:
   ``torch.is_autocast_enabled(device)`` and ``torch.get_autocast_dtype(device)``
   (torch >= 2.4), else the per-device functions of older torch
   (``is_autocast_cpu_enabled``, ``get_autocast_gpu_dtype``, ...);
+* :func:`onnx_export`: ``torch.onnx.export`` with the TorchScript exporter
+  (``dynamo=False`` where torch has the argument: the default from 2.9 is
+  the dynamo exporter, torch before 2.5 has no such argument);
 * :func:`add_safe_globals` / :func:`get_safe_globals` /
   :func:`load_weights_only`: weights-only loading with an allowlist
   (torch's own from torch 2.6).
@@ -38,6 +41,7 @@ from __future__ import annotations
 import _codecs
 import _compat_pickle
 import collections
+import inspect
 import io
 import pickle
 import types
@@ -45,7 +49,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
-__all__ = ['TORCH_VERSION', 'HAS_SAFE_GLOBALS', 'is_compiling', 'autocast_enabled', 'autocast_dtype',
+__all__ = ['TORCH_VERSION', 'HAS_SAFE_GLOBALS', 'is_compiling', 'onnx_export', 'autocast_enabled', 'autocast_dtype',
            'grad_scaler', 'add_safe_globals', 'get_safe_globals', 'load_weights_only', 'RestrictedUnpickler']
 
 
@@ -69,6 +73,20 @@ is_compiling: Callable[[], bool] = getattr(getattr(torch, 'compiler', None), 'is
 
 # -- autocast -----------------------------------------------------------------------------
 _NEW_AUTOCAST = hasattr(torch, 'get_autocast_dtype')
+
+
+def onnx_export(model: torch.nn.Module, args: tuple, path: str, **kwargs: Any) -> None:
+    """``torch.onnx.export`` with the TorchScript exporter on every torch.
+
+    From torch 2.9 ``torch.onnx.export`` defaults to the dynamo exporter
+    (``dynamo=True``), which traces differently and is not what mmdeploy's
+    rewriters or orepa_mm's exports were made for; torch 2.5 to 2.8 take
+    ``dynamo=False`` as their default; torch before 2.5 has no ``dynamo``
+    argument and only the TorchScript exporter.  This is the one place that
+    chooses."""
+    if 'dynamo' in inspect.signature(torch.onnx.export).parameters:
+        kwargs.setdefault('dynamo', False)
+    torch.onnx.export(model, args, path, **kwargs)
 
 
 def autocast_enabled(device_type: str) -> bool:

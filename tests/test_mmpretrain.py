@@ -17,6 +17,7 @@ from mmengine.config import Config
 
 import orepa_mm  # noqa: F401 - registers the layers and backbones
 from conftest import ROOT, bin_path, last_metric, mim_train_and_test, run
+from orepa_mm import compat
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +74,7 @@ def test_classifier_backbone_starts_the_toy_detector_and_segmentor(cfg: Path, cl
     at every stage; the dilated segmentor's where its strides and dilations are the classifier's)."""
     from mmpretrain.registry import MODELS as MMPRETRAIN_MODELS
 
-    classifier_state = torch.load(cls_run['ckpt'], map_location='cpu', weights_only=True)['state_dict']
+    classifier_state = compat.load_weights_only(str(cls_run['ckpt']), map_location='cpu')['state_dict']
     expected = {k[len('backbone.'):]: v for k, v in classifier_state.items() if k.startswith('backbone.')}
     backbone = _build(cfg, cls_run['ckpt']).backbone
     got = backbone.state_dict()

@@ -46,6 +46,7 @@ import torch
 import torch.nn as nn
 
 import orepa_mm
+from orepa_mm import compat
 from orepa_mm.checkpoint import atomic_write, extract_state_dict, load_checkpoint_file, save_atomic
 from orepa_mm.cli import EXIT_STATUS_HELP, ToolError, log, tool_main
 from orepa_mm.config import build_model, load_config
@@ -170,7 +171,7 @@ def export_onnx(fused: nn.Module, out_dir: str, name: str,
         ref = model_outputs(module, dict(inputs=x))
 
         def write(tmp: str, module=module) -> None:
-            torch.onnx.export(module, (x,), tmp, opset_version=17, dynamo=False)
+            compat.onnx_export(module, (x,), tmp, opset_version=17)
         try:
             atomic_write(path, write)
         except Exception as e:  # noqa: BLE001 - an operator ONNX lacks: report and go on

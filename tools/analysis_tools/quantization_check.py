@@ -50,6 +50,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import orepa_mm  # noqa: E402
+from orepa_mm import compat  # noqa: E402
 from orepa_mm.checkpoint import atomic_write, atomic_write_text, extract_state_dict, load_checkpoint_file  # noqa: E402
 from orepa_mm.cli import EXIT_STATUS_HELP, ToolError, build_runner, log, tool_main  # noqa: E402
 from orepa_mm.config import build_model, load_config  # noqa: E402
@@ -153,8 +154,8 @@ def export(features: nn.Module, x: torch.Tensor, path: str) -> List[str]:
     axes = {name: {0: 'batch', 2: 'height', 3: 'width'} for name in ['input'] + names}
 
     def write(tmp: str) -> None:
-        torch.onnx.export(features, (x, ), tmp, opset_version=17, dynamo=False, input_names=['input'],
-                          output_names=names, dynamic_axes=axes)
+        compat.onnx_export(features, (x, ), tmp, opset_version=17, input_names=['input'], output_names=names,
+                           dynamic_axes=axes)
     try:
         atomic_write(path, write)
     except Exception as e:  # noqa: BLE001 - an operator ONNX lacks: the one thing to tell the user
