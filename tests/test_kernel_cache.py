@@ -103,6 +103,50 @@ def test_cache_is_reused_while_nothing_is_written() -> None:
         assert layer._cache.kernel is kernel
 
 
+def _cached_kernel_after(layer: OREPAConv2d, write: Callable[[], None]) -> torch.Tensor:
+    x = torch.randn(2, 6, 9, 8, dtype=DTYPE)
+    with torch.no_grad():
+        layer(x)
+        kernel = layer._cache.kernel
+        write()
+        layer(x)
+    return kernel
+
+
+def test_sign_of_zero_is_a_change() -> None:
+    """Bitwise, not numerically equal: a parameter going from 0.0 to -0.0 gets a new kernel."""
+    layer = _layer().eval()
+    first = _params(layer)[0]
+    with torch.no_grad():
+        first.view(-1)[0] = 0.0
+    kernel = _cached_kernel_after(layer, lambda: first.data.view(-1)[0].fill_(-0.0))
+    assert layer._cache.kernel is not kernel
+
+
+@pytest.mark.parametrize('path', ['memcmp', 'torch.equal fallback', 'channels_last parameters'])
+def test_every_comparison_path_sees_a_data_write(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C library's memcmp compares contiguous CPU parameters; without it, or
+    for non-contiguous ones, the bits are compared with torch.equal."""
+    from orepa_mm.layers import kernel_cache
+    layer = _layer().eval()
+    if path == 'torch.equal fallback':
+        monkeypatch.setattr(kernel_cache, '_memcmp', None)
+    elif path == 'channels_last parameters':
+        layer.to(memory_format=torch.channels_last)
+        assert any(not p.is_contiguous() for p in _params(layer))
+    else:
+        assert kernel_cache._memcmp is not None, 'no memcmp on this platform: the fast path is untested'
+    written = next((p for p in _params(layer) if not p.is_contiguous()), _params(layer)[-1])
+    kernel = _cached_kernel_after(layer, lambda: written.data[(0,) * written.dim()].add_(1.0))
+    assert layer._cache.kernel is not kernel
+    x = torch.randn(2, 6, 9, 8, dtype=DTYPE)
+    with torch.no_grad():
+        assert torch.equal(layer(x), _fresh_like(layer, 3).eval()(x))
+        kernel = layer._cache.kernel
+        layer(x)
+    assert layer._cache.kernel is kernel, 'nothing was written: the kernel must be reused'
+
+
 # -- second models, float64, at every step ---------------------------------------------
 class _Net(nn.Sequential):
     def __init__(self) -> None:

@@ -253,7 +253,7 @@ def test_kernel_is_generated_in_full_precision_under_autocast(k: int) -> None:
         with torch.no_grad():
             assert torch.equal(layer.eval().weight, ref)
             assert layer(torch.randn(2, 8, 9, 9)).dtype == torch.bfloat16
-            assert torch.equal(layer._cache[1], ref)
+            assert torch.equal(layer._cache.kernel, ref)
 
 
 @pytest.mark.parametrize('k', (1, 3, 7))

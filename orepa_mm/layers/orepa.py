@@ -18,7 +18,7 @@ rule that picks one from the kernel size:
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence, Tuple
+from typing import List, Literal, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -144,10 +144,9 @@ class OREPAConv2d(ReparamConv2d):
         values.update(self.branches.plain_state(kernel))
         self.branches.load_state_dict(values)
 
-    def _cached_kernel(self) -> Tensor:
-        """The generated kernel, reused while every branch parameter is what it
-        was when the kernel was generated (:class:`KernelCache`)."""
-        params = list(self.branches.parameters())
+    def _cached_kernel(self, params: List[Tensor]) -> Tensor:
+        """The generated kernel, reused while every branch parameter (``params``)
+        is what it was when the kernel was generated (:class:`KernelCache`)."""
         if self._cache is not None and self._cache.holds(params):
             return self._cache.kernel
         # Not an inference tensor, even when filled under inference_mode,
@@ -169,7 +168,8 @@ class OREPAConv2d(ReparamConv2d):
         if self._weight_handout is not None:
             self.apply_weight_writes()
         x, padding = self._pad_input(x)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.branches.parameters()):
+        params = list(self.branches.parameters())
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             # Traced by dynamo; and in eval mode (input gradients, a teacher run
             # without no_grad), where no backward may ever come to retire a
             # batched generation: this forward's own kernel, never an earlier one.
@@ -178,7 +178,7 @@ class OREPAConv2d(ReparamConv2d):
             return training_conv(self, x, padding)  # generated with the other layers of its shape
         # No gradient for the branches (evaluation, frozen stages): the kernel
         # is a constant until a parameter changes.
-        return F.conv2d(x, self._cached_kernel(), self.bias, self.stride, padding, self.dilation, self.groups)
+        return F.conv2d(x, self._cached_kernel(params), self.bias, self.stride, padding, self.dilation, self.groups)
 
     def fused_kernel_bias(self) -> Tuple[Tensor, Optional[Tensor]]:
         self.apply_weight_writes()
