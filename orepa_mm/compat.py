@@ -41,16 +41,18 @@ from __future__ import annotations
 import _codecs
 import _compat_pickle
 import collections
+import contextlib
 import inspect
 import io
 import pickle
 import types
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 import torch
 
-__all__ = ['TORCH_VERSION', 'HAS_SAFE_GLOBALS', 'is_compiling', 'onnx_export', 'autocast_enabled', 'autocast_dtype',
-           'grad_scaler', 'add_safe_globals', 'get_safe_globals', 'load_weights_only', 'RestrictedUnpickler']
+__all__ = ['TORCH_VERSION', 'HAS_SAFE_GLOBALS', 'is_compiling', 'onnx_export', 'torchscript_onnx_exporter',
+           'autocast_enabled', 'autocast_dtype', 'grad_scaler',
+           'add_safe_globals', 'get_safe_globals', 'load_weights_only', 'RestrictedUnpickler']
 
 
 def _version(text: str) -> tuple:
@@ -75,6 +77,25 @@ is_compiling: Callable[[], bool] = getattr(getattr(torch, 'compiler', None), 'is
 _NEW_AUTOCAST = hasattr(torch, 'get_autocast_dtype')
 
 
+_torch_onnx_export: Optional[Callable[..., Any]] = None
+
+
+def _original_onnx_export() -> Callable[..., Any]:
+    """torch's own ``torch.onnx.export`` (looked up on first use: importing
+    ``torch.onnx`` costs time that ``import orepa_mm`` should not pay)."""
+    global _torch_onnx_export
+    if _torch_onnx_export is None:
+        import torch.onnx
+        _torch_onnx_export = torch.onnx.export
+    return _torch_onnx_export
+
+
+def _torchscript_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    if 'dynamo' in inspect.signature(_original_onnx_export()).parameters:
+        kwargs.setdefault('dynamo', False)
+    return kwargs
+
+
 def onnx_export(model: torch.nn.Module, args: tuple, path: str, **kwargs: Any) -> None:
     """``torch.onnx.export`` with the TorchScript exporter on every torch.
 
@@ -83,10 +104,40 @@ def onnx_export(model: torch.nn.Module, args: tuple, path: str, **kwargs: Any) -
     rewriters or orepa_mm's exports were made for; torch 2.5 to 2.8 take
     ``dynamo=False`` as their default; torch before 2.5 has no ``dynamo``
     argument and only the TorchScript exporter.  This is the one place that
-    chooses."""
-    if 'dynamo' in inspect.signature(torch.onnx.export).parameters:
-        kwargs.setdefault('dynamo', False)
-    torch.onnx.export(model, args, path, **kwargs)
+    chooses: :func:`torchscript_onnx_exporter` applies the same choice to code
+    that calls ``torch.onnx.export`` itself (mmdeploy)."""
+    _original_onnx_export()(model, args, path, **_torchscript_kwargs(kwargs))
+
+
+def _cast_long(g: Any, value: Any, non_blocking: Any) -> Any:
+    """An ONNX ``Cast`` to int64: the symbolic helper ``_cast_Long`` that torch
+    2.x's TorchScript exporter had and later releases dropped (mmdeploy 1.3.1's
+    RoIAlign symbolic imports it)."""
+    return g.op('Cast', value, to_i=7)  # onnx.TensorProto.INT64
+
+
+@contextlib.contextmanager
+def torchscript_onnx_exporter() -> Iterator[None]:
+    """Within the block, ``torch.onnx.export`` (as other libraries call it, e.g.
+    mmdeploy's ``torch2onnx``) uses the TorchScript exporter, as
+    :func:`onnx_export` does, and the symbolic helpers that mmdeploy 1.3.1
+    imports exist (:func:`_cast_long`); both are restored afterwards."""
+    original = _original_onnx_export()
+    import torch.onnx.symbolic_opset9 as opset9
+    added_cast = not hasattr(opset9, '_cast_Long')
+
+    def export(*args: Any, **kwargs: Any) -> Any:
+        return original(*args, **_torchscript_kwargs(kwargs))
+
+    torch.onnx.export = export
+    if added_cast:
+        opset9._cast_Long = _cast_long
+    try:
+        yield
+    finally:
+        torch.onnx.export = original
+        if added_cast:
+            del opset9._cast_Long
 
 
 def autocast_enabled(device_type: str) -> bool:

@@ -44,6 +44,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from mmengine.config import DictAction
 
 import orepa_mm
 from orepa_mm import compat
@@ -188,15 +189,17 @@ def export_onnx(fused: nn.Module, out_dir: str, name: str,
 
 
 def fuse_checkpoint(config: str, checkpoint: str, out_dir: str, backbone_only: bool = False,
-                    do_verify: bool = False, onnx: bool = False, force: bool = False) -> Dict[str, Any]:
-    """Fuse ``checkpoint`` of ``config`` into ``out_dir`` (see the module docstring); returns a summary."""
+                    do_verify: bool = False, onnx: bool = False, force: bool = False,
+                    cfg_options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Fuse ``checkpoint`` of ``config`` (with ``cfg_options`` merged, as
+    ``--cfg-options`` does) into ``out_dir`` (see the module docstring); returns a summary."""
     name = osp.splitext(osp.basename(config))[0]
     outputs = ([osp.join(out_dir, f'{name}_fused_backbone.pth')] if backbone_only else
                [osp.join(out_dir, f'{name}_fused.pth'), osp.join(out_dir, f'{name}_fused.py')])
     existing = [p for p in outputs if osp.exists(p)]
     if existing and not force:
         raise FuseError(f'{existing[0]} already exists; pass --force to overwrite')
-    cfg = load_config(config)
+    cfg = load_config(config, cfg_options)
     ckpt = load_checkpoint_file(checkpoint)
     log(f'[1/4] building {cfg.model.type} from {config}')
     model = build_model(cfg)
@@ -266,6 +269,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='export the fused backbone, + neck, + dense head to ONNX, check them, '
                              'say what is left out')
     parser.add_argument('--force', action='store_true', help='overwrite existing outputs')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
+                        help='override settings of CONFIG, as in mmdet/mmseg\'s tools (key=value)')
     return parser.parse_args(argv)
 
 
@@ -273,7 +278,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     fuse_checkpoint(args.config, args.checkpoint, args.out_dir, args.backbone_only, args.verify, args.onnx,
-                    args.force)
+                    args.force, args.cfg_options)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,1 @@
+_base_ = ['./_base_/detection.py', './_base_/backends/onnxruntime.py']
