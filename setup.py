@@ -41,8 +41,10 @@ setup(
         'mmseg': requirements('mmseg'),
         'mmpretrain': requirements('mmpretrain'),
         'tests': requirements('tests'),
+        # What mmdeploy imports; mmdeploy itself: pip install --no-deps mmdeploy==1.3.1 (requirements/deploy.txt).
+        'deploy': requirements('deploy'),
         'all': sorted(set(requirements('mmdet') + requirements('mmseg') + requirements('mmpretrain')
-                          + requirements('tests'))),
+                          + requirements('tests') + requirements('deploy'))),
     },
     license='Apache-2.0',
 )

@@ -16,14 +16,14 @@ import io
 import logging
 import sys
 import warnings
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 from mmengine.logging import MMLogger, print_log
 
 from .checkpoint import CheckpointError
 
 __all__ = ['ToolError', 'EXIT_USER_ERROR', 'EXIT_STATUS_HELP', 'get_logger', 'log', 'tool_main',
-           'keep_console_readable', 'build_runner']
+           'keep_console_readable', 'build_runner', 'quietly_built']
 
 #: Exit status of every tool for a user error.
 EXIT_USER_ERROR = 2
@@ -112,24 +112,32 @@ def build_runner(cfg, quiet_setup: bool = False):
 
     With ``quiet_setup`` the environment and config dumps that the Runner
     logs while it is built, and Python warnings (those of the build itself
-    included), go to its log file only (its console handler is created
-    writing into a buffer, then pointed at stdout).
+    included), go to its log file only (:func:`quietly_built`).
     """
     from mmengine.runner import Runner
-    if not quiet_setup:
-        runner = Runner.from_cfg(cfg)
-    else:
-        stdout, sys.stdout = sys.stdout, io.StringIO()
-        try:
-            with warnings.catch_warnings(record=True) as during_build:  # no log file yet
-                runner = Runner.from_cfg(cfg)
-        finally:
-            buffer, sys.stdout = sys.stdout, stdout
-        for handler in runner.logger.handlers:
-            if isinstance(handler, logging.StreamHandler) and handler.stream is buffer:
-                handler.setStream(_CurrentStdout())
-        _warnings_to_log_file(runner.logger, during_build)
-    keep_console_readable(runner.logger, setup_dumps=quiet_setup)
+    if quiet_setup:
+        return quietly_built(lambda: Runner.from_cfg(cfg))
+    runner = Runner.from_cfg(cfg)
+    keep_console_readable(runner.logger)
+    return runner
+
+
+def quietly_built(build: Callable[[], Any]) -> Any:
+    """The Runner that ``build()`` returns (mmengine's, or one another library
+    builds, e.g. mmdeploy's test runner), its set-up dumps (environment,
+    config, hook order) and Python warnings sent to its log file only: its
+    console handler is created writing into a buffer, then pointed at stdout."""
+    stdout, sys.stdout = sys.stdout, io.StringIO()
+    try:
+        with warnings.catch_warnings(record=True) as during_build:  # no log file yet
+            runner = build()
+    finally:
+        buffer, sys.stdout = sys.stdout, stdout
+    for handler in runner.logger.handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is buffer:
+            handler.setStream(_CurrentStdout())
+    _warnings_to_log_file(runner.logger, during_build)
+    keep_console_readable(runner.logger, setup_dumps=True)
     return runner
 
 

@@ -39,7 +39,7 @@ want_stamp() {
 
 step="check existing environment"
 if [ -x "$PY" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(want_stamp)" ] \
-   && "$PY" -c "import torch, torchvision, mmcv.ops, mmengine, mmdet, mmseg, mmpretrain, mim, orepa_mm" 2>/dev/null; then
+   && "$PY" -c "import torch, torchvision, mmcv.ops, mmengine, mmdet, mmseg, mmpretrain, mim, mmdeploy, orepa_mm" 2>/dev/null; then
   log "environment in .venv is up to date"
   exit 0
 fi
@@ -116,8 +116,14 @@ step="install OpenMMLab frameworks and tools"
 step="install orepa_mm (editable) with test extras"
 "${PIP[@]}" install -q --no-build-isolation -c "$PINS" -e "$ROOT[all]" "$SETUPTOOLS"
 
+step="install mmdeploy"
+# Without its own requirements: they pin protobuf<=3.20.2, which onnx and
+# onnxruntime do not run with and its ONNX Runtime path does not need; what
+# it imports comes with the [deploy] extra (requirements/deploy.txt, in [all]).
+"${PIP[@]}" install -q --no-deps -c "$PINS" mmdeploy
+
 step="verify imports"
-"$PY" -c "import torch, torchvision, mmcv, mmcv.ops, mmengine, mmdet, mmseg, mmpretrain, mim, orepa_mm; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| mmcv', mmcv.__version__, '| mmdet', mmdet.__version__, '| mmseg', mmseg.__version__, '| mmpretrain', mmpretrain.__version__, '| orepa_mm', orepa_mm.__version__)"
+"$PY" -c "import torch, torchvision, mmcv, mmcv.ops, mmengine, mmdet, mmseg, mmpretrain, mim, mmdeploy.apis, orepa_mm; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| mmcv', mmcv.__version__, '| mmdet', mmdet.__version__, '| mmseg', mmseg.__version__, '| mmpretrain', mmpretrain.__version__, '| orepa_mm', orepa_mm.__version__)"
 
 want_stamp > "$STAMP"
 log "done"

@@ -34,7 +34,10 @@ find_python() {
   command -v python3.10 || { echo "test_users_stack.sh: no Python 3.10 found (set USERS_PYTHON)" >&2; exit 1; }
 }
 
-want_stamp() { cat "$STACK" "$ROOT/requirements/tests.txt" "$ROOT/scripts/test_users_stack.sh" | sha256sum | cut -d' ' -f1; }
+want_stamp() {
+  cat "$STACK" "$ROOT/requirements/tests.txt" "$ROOT/requirements/deploy.txt" "$ROOT/scripts/test_users_stack.sh" \
+    | sha256sum | cut -d' ' -f1
+}
 
 if [ ! -x "$PY" ] || [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$(want_stamp)" ]; then
   BASE="$(find_python)"
@@ -50,7 +53,9 @@ if [ ! -x "$PY" ] || [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$(want_stamp)"
   MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-2}" "${PIP[@]}" install -q --no-build-isolation -c "$STACK" "$(pin mmcv)"
   log "installing the frameworks and the test tools"
   "${PIP[@]}" install -q -c "$STACK" mmengine mmdet mmsegmentation mmpretrain openmim ftfy regex \
-    -r "$ROOT/requirements/tests.txt"
+    -r "$ROOT/requirements/tests.txt" -r "$ROOT/requirements/deploy.txt"
+  # mmdeploy as a user adds it: without its protobuf pin (requirements/deploy.txt says why).
+  "${PIP[@]}" install -q --no-deps -c "$STACK" mmdeploy
   "$PY" -c "import mmcv.ops" || { echo "test_users_stack.sh: mmcv.ops does not import" >&2; exit 1; }
   want_stamp > "$STAMP"
 fi

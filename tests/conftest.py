@@ -176,7 +176,8 @@ def no_orepa_env(tmp_path_factory) -> dict:
 # -- real training runs, shared by the end-to-end, safety and fuse tests ------------
 DET_CFG = ROOT / 'configs/toy/faster-rcnn_r18w16-orepa_fpn_300i_toy-coco.py'
 SEG_CFG = ROOT / 'configs/toy/pspnet_r18w32-d8-orepa_1xb4-300i_toy-cityscapes-128x256.py'
-DET_ITERS, SEG_ITERS = 20, 10
+CLS_CFG = ROOT / 'configs/toy/resnet18w32-orepa_1xb32-600i_toy-imagenet.py'
+DET_ITERS, SEG_ITERS, CLS_ITERS = 20, 10, 10
 #: After 20 iterations the toy Faster R-CNN may score every box under mmdet's
 #: default 0.05 threshold (it did on CI), and CocoMetric then reports no mAP at
 #: all: the tests keep every detection, in training's evaluation and in `mim test`.
@@ -215,6 +216,13 @@ def seg_run(toy_root: Path, tmp_path_factory) -> dict:
     """The toy OREPA PSPNet trained and tested with ``mim``, once per test run."""
     return once_per_run(tmp_path_factory, 'seg_run',
                         lambda _: mim_train_and_test('mmseg', SEG_CFG, toy_root, 'seg', SEG_ITERS, SEG_ITERS))
+
+
+@pytest.fixture(scope='session')
+def cls_run(toy_root: Path, tmp_path_factory) -> dict:
+    """The toy OREPA classifier trained and tested with ``mim``, once per test run."""
+    return once_per_run(tmp_path_factory, 'cls_run',
+                        lambda _: mim_train_and_test('mmpretrain', CLS_CFG, toy_root, 'cls', CLS_ITERS, CLS_ITERS))
 
 
 # -- figures that tests measure and report (printed at the end of the run) --------

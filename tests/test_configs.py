@@ -1,6 +1,7 @@
-"""Every shipped config loads, builds and runs one training iteration
+"""Every shipped model config loads, builds and runs one training iteration
 (its own optimizer settings, synthetic toy-sized input), in each framework
-(mmdet, mmseg, mmpretrain)."""
+(mmdet, mmseg, mmpretrain); every deploy config (``configs/deploy``) reads as
+mmdeploy reads it."""
 from __future__ import annotations
 
 import copy
@@ -17,7 +18,26 @@ import orepa_mm
 from conftest import ROOT
 from orepa_mm.layers.orepa import ALL_BRANCHES
 
-CONFIGS = sorted(p for p in (ROOT / 'configs').rglob('*.py') if '_base_' not in p.parts)
+CONFIGS = sorted(p for p in (ROOT / 'configs').rglob('*.py') if not {'_base_', 'deploy'} & set(p.parts))
+DEPLOY_CONFIGS = sorted((ROOT / 'configs' / 'deploy').glob('*.py'))
+#: The framework of each task, as deploy configs are named ``{task}_{backend}_{shape}``.
+DEPLOY_TASKS = {'detection': ('mmdet', 'ObjectDetection'), 'segmentation': ('mmseg', 'Segmentation'),
+                'classification': ('mmpretrain', 'Classification')}
+
+
+@pytest.mark.parametrize('path', DEPLOY_CONFIGS, ids=[p.name for p in DEPLOY_CONFIGS])
+def test_deploy_config_reads_as_its_name_says(path: Path):
+    mmdeploy_utils = pytest.importorskip('mmdeploy.utils')
+    cfg = Config.fromfile(str(path))
+    task, backend, shape = path.stem.split('_', 2)
+    assert (cfg.codebase_config.type, cfg.codebase_config.task) == DEPLOY_TASKS[task]
+    assert mmdeploy_utils.get_backend(cfg).value == backend.split('-')[0]
+    dynamic = mmdeploy_utils.is_dynamic_shape(cfg) or mmdeploy_utils.is_dynamic_batch(cfg)  # classifiers: batch
+    assert dynamic == shape.startswith('dynamic'), shape
+    if backend.startswith('tensorrt'):
+        common = cfg.backend_config.common_config
+        assert common.fp16_mode and common.get('int8_mode', False) == backend.endswith('int8')
+        assert cfg.backend_config.model_inputs[0].input_shapes.input.min_shape[1] == 3
 
 
 def _bn_instead_of_syncbn(node) -> None:

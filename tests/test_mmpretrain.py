@@ -16,22 +16,15 @@ import torch
 from mmengine.config import Config
 
 import orepa_mm  # noqa: F401 - registers the layers and backbones
-from conftest import ROOT, bin_path, last_metric, mim_train_and_test, run
+from conftest import CLS_CFG, ROOT, bin_path, last_metric, run
 from orepa_mm import compat
 
 pytestmark = pytest.mark.slow
 
-CLS_CFG = ROOT / 'configs/toy/resnet18w32-orepa_1xb32-600i_toy-imagenet.py'
 DET_IN1K_CFG = ROOT / 'configs/toy/fcos_r18w32-orepa-toyin1k_fpn_600i_toy-coco.py'
 SEG_IN1K_CFG = ROOT / 'configs/toy/pspnet_r18w32-d8-orepa-toyin1k_1xb4-300i_toy-cityscapes-128x256.py'
-CLS_ITERS = 10
 TOY_IN = 'data/toy/imagenet'  # relative to toy_root
 TOP1 = 'accuracy/top1'
-
-
-@pytest.fixture(scope='module')
-def cls_run(toy_root: Path) -> dict:
-    return mim_train_and_test('mmpretrain', CLS_CFG, toy_root, 'cls', CLS_ITERS, CLS_ITERS)
 
 
 def test_mim_train_and_test_classifier(cls_run):

@@ -39,14 +39,14 @@ import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from mmengine.config import DictAction
+from mmengine.config import Config, DictAction
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # the sibling tool, run as a script or imported
 from fuse_checkpoint import fuse_checkpoint  # noqa: E402
 
 from orepa_mm import compat  # noqa: E402
 from orepa_mm.checkpoint import atomic_write  # noqa: E402
-from orepa_mm.cli import EXIT_STATUS_HELP, ToolError, build_runner, log, tool_main  # noqa: E402
+from orepa_mm.cli import EXIT_STATUS_HELP, ToolError, build_runner, log, quietly_built, tool_main  # noqa: E402
 from orepa_mm.config import load_config  # noqa: E402
 
 DEPLOY_CONFIGS = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'configs', 'deploy')
@@ -226,15 +226,18 @@ def verify(model_cfg: str, fused_ckpt: str, deploy_cfg: str, backend_files: List
     predictions on one test batch and its test-set metrics beside the fused
     PyTorch model's."""
     from mmdeploy.apis.utils import build_task_processor
+    from mmdeploy.utils import is_dynamic_batch
     from mmdeploy.utils import load_config as mmdeploy_load_config
     dcfg, mcfg = mmdeploy_load_config(deploy_cfg, model_cfg)
+    cfg = load_config(model_cfg)
+    if not is_dynamic_batch(dcfg):  # a graph exported for one image: both models evaluate one at a time
+        mcfg.test_dataloader.batch_size = cfg.test_dataloader.batch_size = 1
     processor = build_task_processor(mcfg, dcfg, device)
     backend_model = processor.build_backend_model(backend_files, processor.update_data_preprocessor)
     graph = compare_graph(processor, dcfg, fused_ckpt, img, backend_model)
     log('[3/3] the deployed graph against the PyTorch code it was exported from, on one image: '
         + ', '.join(f'{k} {v:.2e}' for k, v in graph.items()))
     log('[3/3] the fused PyTorch model on the test set')
-    cfg = load_config(model_cfg)
     cfg.load_from = fused_ckpt
     cfg.work_dir = osp.join(work_dir, 'verify_pytorch')
     runner = build_runner(cfg, quiet_setup=True)
@@ -244,7 +247,8 @@ def verify(model_cfg: str, fused_ckpt: str, deploy_cfg: str, backend_files: List
         predictions = compare_predictions(runner.model.test_step(copy.deepcopy(batch)),
                                           backend_model.test_step(copy.deepcopy(batch)))
     log('[3/3] the deployed model on the test set (mmdeploy\'s task processor)')
-    deployed_metrics = processor.build_test_runner(backend_model, osp.join(work_dir, 'verify_deployed')).test()
+    deployed_metrics = quietly_built(
+        lambda: processor.build_test_runner(backend_model, osp.join(work_dir, 'verify_deployed'))).test()
     return dict(pytorch=_plain(pytorch_metrics), deployed=_plain(deployed_metrics), graph=graph,
                 predictions=predictions)
 
@@ -280,6 +284,10 @@ def deploy(config: str, checkpoint: str, out_dir: str, backend: str = 'onnxrunti
     deploy_cfg = deploy_cfg or find_deploy_config(task, backend, shape)
     if not osp.isfile(deploy_cfg):
         raise DeployError(f'deploy config {deploy_cfg} does not exist')
+    codebase = Config.fromfile(deploy_cfg).get('codebase_config', {}).get('type')
+    if codebase != cfg.default_scope:
+        raise DeployError(f'deploy config {deploy_cfg} is for {codebase} models and {config} builds a '
+                          f'{cfg.default_scope} model')
     summary_path = osp.join(out_dir, 'deploy.json')
     if osp.exists(summary_path) and not force:
         raise DeployError(f'{summary_path} already exists; pass --force to overwrite')

@@ -23,6 +23,9 @@
 #                     R50-FPN at 800x1333, batch 2 and 8, plain / DBB / OREPA,
 #                     float32 and AMP float16 / bfloat16, eager and replayed
 #                     generation (--capture cuda)
+#   deploy/           where TensorRT, mmdeploy and mmpretrain import (GPU only):
+#                     the toy OREPA classifier trained for 20 iterations, then
+#                     tools/deploy.py --backend tensorrt-fp16 --verify
 #   gpu_check.json/.md  the summary (tools/analysis_tools/gpu_check_report.py)
 #
 # Environment knobs: PYTHON (default python3), GPU_CHECK_ROUNDS (timed rounds, default 5),
@@ -99,6 +102,23 @@ for batch in $BATCHES; do
     done
   done
 done
+
+# -- TensorRT through mmdeploy, where it is installed -------------------------------------------
+if [ "$MODE" != "--cpu" ] && "$PY" -c "import tensorrt, mmdeploy, mmpretrain, mmcv.ops" 2> /dev/null; then
+  log "deploy: the toy classifier to TensorRT fp16 (tools/deploy.py --verify)"
+  mkdir -p "$OUT/deploy"
+  CLS_CFG="$ROOT/configs/toy/resnet18w32-orepa_1xb32-600i_toy-imagenet.py"
+  if ! (cd "$OUT/deploy" && "$PY" "$ROOT/tools/misc/make_toy_data.py" --only imagenet > make_data.log 2>&1 \
+        && "$PY" "$ROOT/tools/train.py" "$CLS_CFG" --work-dir work --cfg-options train_cfg.max_iters=20 \
+             train_cfg.val_interval=20 default_hooks.checkpoint.interval=20 > train.log 2>&1 \
+        && "$PY" "$ROOT/tools/deploy.py" "$CLS_CFG" work/iter_20.pth trt --backend tensorrt-fp16 \
+             --device cuda:0 --verify > deploy.log 2>&1); then
+    FAILED+=(deploy-tensorrt)
+    tail -n 5 "$OUT/deploy/"*.log
+  fi
+else
+  log "deploy: skipped (TensorRT, mmdeploy, mmpretrain and mmcv's ops are not all installed here)"
+fi
 
 echo $(( $(date +%s) - START )) > "$OUT/wall_time_s"
 "$PY" tools/analysis_tools/gpu_check_report.py "$OUT" || FAILED+=(report)

@@ -10,4 +10,4 @@ onnx_config = dict(
     input_names=['input'],
     output_names=['output'],
     input_shape=None,
-    optimize=True)
+    optimize=False)  # mmdeploy's ONNX optimiser needs its TorchScript extension, which its wheel lacks
