@@ -224,3 +224,48 @@ def test_cli_user_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -
     help_text = capsys.readouterr().out
     assert 'exit status' in help_text and '--models' in help_text and '--workloads' in help_text
     assert benchmark.parse_args(['--models', 'resnet18']).workloads == ['resnet18']
+
+
+def _synthetic_points(batches, plain, extra_orepa, extra_dbb, pixels=100):
+    def variants(w):
+        return {'plain': dict(train_step_s=plain(w)), 'orepa': dict(train_step_s=plain(w) + extra_orepa(w)),
+                'dbb': dict(train_step_s=plain(w) + extra_dbb(w))}
+    return [dict(batch=b, input_size=[10, 10], work=b * pixels, variants=variants(b * pixels)) for b in batches]
+
+
+def test_sweep_fit_recovers_the_cost_model_and_its_crossings() -> None:
+    """plain = 10 + 0.01 w, OREPA's extra = 5 + 0.0005 w, DBB's = 0.003 w (w: images x pixels):
+    OREPA <= 1.10x plain from w = (5 - 1) / (0.001 - 0.0005) = 8000, i.e. batch 80 at 100 px;
+    OREPA <= DBB from w = 5 / 0.0025 = 2000, batch 20."""
+    from benchmark_lib import sweep
+    points = _synthetic_points([1, 2, 4, 8, 16], lambda w: 10 + 0.01 * w, lambda w: 5 + 0.0005 * w,
+                               lambda w: 0.003 * w)
+    fitted = sweep.fit(points)
+    assert fitted['model']['plain']['fixed_s'] == pytest.approx(10) and fitted['model']['plain']['per_work_s'] == \
+        pytest.approx(0.01)
+    assert fitted['model']['orepa']['extra_fixed_s'] == pytest.approx(5)
+    assert fitted['model']['orepa']['extra_per_work_s'] == pytest.approx(0.0005)
+    assert fitted['crossings']['orepa_at_1.10x_plain'] == dict(work=pytest.approx(8000), batch=80)
+    assert fitted['crossings']['orepa_at_most_dbb'] == dict(work=pytest.approx(2000), batch=20)
+    # An extra time that grows faster than 10% of plain's never reaches 1.10x.
+    never = sweep.fit(_synthetic_points([1, 2, 4], lambda w: 10 + 0.01 * w, lambda w: 5 + 0.002 * w,
+                                        lambda w: 0.003 * w))
+    assert never['crossings']['orepa_at_1.10x_plain'] == dict(work=None, batch=None)
+
+
+def test_cli_sweep_smoke(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(SCRIPT), '--workloads', 'resnet18', '--variants', 'plain', 'dbb', 'orepa', '--sweep',
+           '--batch-sizes', '2', '3', '--input-sizes', '64', '--rounds', '1', '--warmup', '1', '--device', 'cpu',
+           '--threads', '1', '--out-dir', str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / 'sweep_resnet18_64.json').read_text())
+    assert [p['batch'] for p in report['points']] == [2, 3]
+    assert [p['work'] for p in report['points']] == [2 * 64 * 64, 3 * 64 * 64]
+    for p in report['points']:
+        for variant in ('plain', 'dbb', 'orepa'):
+            assert p['variants'][variant]['train_step_s'] > 0 and p['variants'][variant]['train_gflop'] > 0
+    assert {'plain', 'dbb', 'orepa'} == set(report['fit']['model'])
+    assert 'OREPA costs no more than DBB' in proc.stdout and 'orepa extra time' in proc.stdout
+    assert '| batch | input | work (Mpx) |' in (tmp_path / 'sweep_resnet18_64.md').read_text()
+    assert (tmp_path / 'sweep_resnet18_64.png').read_bytes()[:4] == b'\x89PNG'

@@ -33,6 +33,14 @@ default).  Results go to ``<out-dir>/benchmark_<workloads>_<batch>x<h>x<w>``
 ``.md`` and ``.png`` (a bar chart of the ratios; skipped, with a note, when
 matplotlib is missing); the table is printed.
 
+``--sweep`` instead measures the training step at every batch size of
+``--batch-sizes`` and input size of ``--input-sizes`` (square; default: the
+``--input-size``), relates each variant to plain against the work per step,
+fits a fixed-plus-proportional model of the extra time and reports where
+OREPA's step falls to 1.10x plain's and below DBB's
+(``benchmark_lib/sweep.py``); it writes ``sweep_<workload>_<size>.json``,
+``.md`` and ``.png``.
+
 ``--profile VARIANT`` instead runs :mod:`torch.profiler` over a few training
 steps of that variant of the first workload and prints (and saves) the top
 operators by self CPU time.
@@ -49,6 +57,7 @@ same in every round.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import os.path as osp
@@ -64,6 +73,7 @@ if REPO not in sys.path:  # run from a checkout without orepa_mm installed
     sys.path.insert(0, REPO)
 
 from benchmark_lib import report as rep  # noqa: E402
+from benchmark_lib import sweep  # noqa: E402
 from benchmark_lib.measure import OPTIMIZER, RunSettings, measure_workload, profile_training  # noqa: E402
 from benchmark_lib.workloads import DEFAULT_VARIANTS, VARIANTS, WORKLOADS, make_workload  # noqa: E402
 
@@ -107,6 +117,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         'the weights, so the data-dependent work of a detector (proposals, RoIs) stays that of '
                         'the calibrated initial weights in every round and variant, and nothing diverges')
     parser.add_argument('--skip-eval', action='store_true', help='skip the evaluation-forward timings')
+    parser.add_argument('--sweep', action='store_true',
+                        help='measure the training step over --batch-sizes x --input-sizes and fit the cost model')
+    parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 2, 4, 8, 16],
+                        help='the sweep\'s batch sizes')
+    parser.add_argument('--input-sizes', type=int, nargs='+', default=None,
+                        help='the sweep\'s square input sizes (default: --input-size)')
     parser.add_argument('--profile', choices=VARIANTS, default=None,
                         help='instead of the benchmark, profile training steps of this variant of the first '
                         'workload')
@@ -120,6 +136,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                      '--warmup >= 0')
     if args.amp_dtype and not args.amp:
         parser.error('--amp-dtype needs --amp')
+    if args.sweep and (len(args.workloads) != 1 or 'plain' not in args.variants or args.profile):
+        parser.error('--sweep measures one workload against plain (and cannot be combined with --profile)')
+    if args.sweep and min(args.batch_sizes + (args.input_sizes or [1])) < 1:
+        parser.error('--batch-sizes and --input-sizes must be >= 1')
     if 'pspnet' in args.workloads and args.batch_size < 2:
         parser.error('pspnet needs --batch-size >= 2: its pyramid pooling has a 1x1 bin followed by BN, '
                      'which cannot train on one value per channel')
@@ -182,6 +202,31 @@ def run_benchmark(args: argparse.Namespace, settings: RunSettings, device: torch
     return report
 
 
+def run_sweep(args: argparse.Namespace, settings: RunSettings, device: torch.device) -> Dict[str, Any]:
+    """Measure the sweep's points (training steps only), fit the cost model, write and print the report."""
+    name = args.workloads[0]
+    sizes = [(s, s) for s in args.input_sizes] if args.input_sizes else [tuple(args.input_size)]
+    start = time.perf_counter()
+    report: Dict[str, Any] = dict(metadata=rep.metadata(device, args.amp, args.amp_dtype), config=dict(
+        workload=name, variants=args.variants, batch_sizes=args.batch_sizes, input_sizes=sizes,
+        rounds=args.rounds, warmup=args.warmup, iters=args.iters, amp=args.amp, seed=args.seed,
+        capture=args.capture), points=[])
+    sweep_settings = dataclasses.replace(settings, skip_eval=True)
+    for size in sizes:
+        for batch in args.batch_sizes:
+            log(f'sweep: {name}, batch {batch}, {size[0]}x{size[1]}')
+            workload = make_workload(name, batch, size, device, args.seed)
+            report['points'].append(sweep.point(batch, size, measure_workload(workload, sweep_settings)))
+    report['fit'] = sweep.fit(report['points'])
+    report['metadata']['wall_time_s'] = round(time.perf_counter() - start, 1)
+    stem = f'sweep_{name}_{"-".join(str(s[0]) for s in sizes)}' + ('_cuda' if device.type == 'cuda' else '') \
+        + (f'_amp-{args.amp_dtype or "default"}' if args.amp else '')
+    written = sweep.write(report, osp.join(args.out_dir, stem))
+    sweep.print_table(report)
+    log(f'wrote {", ".join(written)} in {report["metadata"]["wall_time_s"]:.0f} s')
+    return report
+
+
 @tool_main(PROG)
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run the benchmark (or the profile) that ``argv`` asks for."""
@@ -207,6 +252,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     stem = output_stem(args, device)
     if args.profile:
         run_profile(args, settings, device, stem)
+    elif args.sweep:
+        run_sweep(args, settings, device)
     else:
         run_benchmark(args, settings, device, stem)
 

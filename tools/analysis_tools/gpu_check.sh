@@ -23,6 +23,8 @@
 #                     R50-FPN at 800x1333, batch 2 and 8, plain / DBB / OREPA,
 #                     float32 and AMP float16 / bfloat16, eager and replayed
 #                     generation (--capture cuda)
+#   sweep/            the cost sweep (benchmark.py --sweep): ResNet-50 at 224x224,
+#                     batch 1 to 32, plain / DBB / OREPA, float32 and AMP
 #   deploy/           where TensorRT, mmdeploy and mmpretrain import (GPU only):
 #                     the toy OREPA classifier trained for 20 iterations, then
 #                     tools/deploy.py --backend tensorrt-fp16 --verify
@@ -101,6 +103,22 @@ for batch in $BATCHES; do
       fi
     done
   done
+done
+
+# -- the cost sweep: the step against the work per step, fp32 and AMP ---------------------------
+if [ "$MODE" = "--cpu" ]; then
+  SWEEP=(--workloads resnet18 --input-sizes 64 --batch-sizes 2 3 --device cpu); SWEEP_AMP="off"
+else
+  SWEEP=(--workloads resnet50 --input-sizes 224 --batch-sizes 1 2 4 8 16 32 --device cuda); SWEEP_AMP="off on"
+fi
+for amp_mode in $SWEEP_AMP; do
+  amp=(); [ "$amp_mode" = on ] && amp=(--amp)
+  log "sweep: ${SWEEP[*]} (AMP $amp_mode)"
+  if ! "$PY" tools/analysis_tools/benchmark.py "${SWEEP[@]}" --sweep --variants plain dbb orepa --rounds "$ROUNDS" \
+      --warmup 2 "${amp[@]}" --out-dir "$OUT/sweep" > "$OUT/sweep_amp-$amp_mode.log" 2>&1; then
+    FAILED+=("sweep amp-$amp_mode")
+    tail -n 5 "$OUT/sweep_amp-$amp_mode.log"
+  fi
 done
 
 # -- TensorRT through mmdeploy, where it is installed -------------------------------------------
