@@ -31,7 +31,8 @@
 #   gpu_check.json/.md  the summary (tools/analysis_tools/gpu_check_report.py)
 #
 # Environment knobs: PYTHON (default python3), GPU_CHECK_ROUNDS (timed rounds, default 5),
-# GPU_CHECK_BATCHES (default "2 8").
+# GPU_CHECK_BATCHES (default "2 8"), GPU_CHECK_TESTS (what pytest runs, default "tests --core";
+# the CI test of the dry run narrows it).
 set -uo pipefail
 
 OUT="${1:?usage: gpu_check.sh OUT_DIR [--cpu]}"
@@ -75,8 +76,9 @@ print(env)
 EOF
 
 # -- the library's tests, CUDA cases included ------------------------------------------------
-log "tests: pytest --core"
-if ! "$PY" -m pytest tests --core -q -ra -p no:cacheprovider --junitxml "$OUT/tests.xml" > "$OUT/tests.txt" 2>&1; then
+read -r -a TESTS <<< "${GPU_CHECK_TESTS:-tests --core}"
+log "tests: pytest ${TESTS[*]}"
+if ! "$PY" -m pytest "${TESTS[@]}" -q -ra -p no:cacheprovider --junitxml "$OUT/tests.xml" > "$OUT/tests.txt" 2>&1; then
   FAILED+=(tests)
 fi
 tail -n 3 "$OUT/tests.txt"

@@ -156,9 +156,13 @@ def draw(report: Dict[str, Any], path: str) -> bool:
         floor = [p['variants'][variant]['train_gflop'] / p['variants']['plain']['train_gflop'] for p in points]
         ax.plot(work, time, 'o-', color=color, label=f'{variant.upper()} step time / plain')
         ax.plot(work, floor, '--', color=color, alpha=0.6, label=f'{variant.upper()} FLOPs / plain (floor)')
-    ax.axhline(TARGET_RATIO, color='grey', lw=0.8, ls=':')
+    ax.axhline(TARGET_RATIO, color='grey', lw=0.8, ls=':', label=f'{TARGET_RATIO:.2f}x plain')
     ax.axhline(1.0, color='black', lw=0.8)
     ax.set_xscale('log')
+    ax.minorticks_off()  # the measured points label the axis: work (and batch)
+    ax.set_xticks(work)
+    ax.set_xticklabels([f'{w:.2g}\n(batch {p["batch"]})' if len(report['config']['input_sizes']) == 1 else f'{w:.2g}'
+                        for w, p in zip(work, points)], fontsize=8)
     ax.set_xlabel('work per step (images x pixels, millions)')
     ax.set_ylabel('ratio to plain')
     ax.set_title(f'{report["config"]["workload"]} training step, {report["metadata"]["device_name"]}', fontsize=9)
