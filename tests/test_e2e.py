@@ -110,10 +110,16 @@ def test_quantization_check_on_toy_checkpoints(kind, det_run, seg_run, toy_root)
     out_dir = toy_root / f'quantization_{kind}'
     tool = str(ROOT / 'tools/analysis_tools/quantization_check.py')
     keep_all = ['--cfg-options'] + DET_KEEP_ALL if kind == 'det' else []
-    run([sys.executable, tool, str(cfg), str(res['ckpt']), '--out-dir', str(out_dir), '--calib-batches', '2']
-        + keep_all, cwd=toy_root)
+    methods = ['minmax', 'percentile', 'entropy'] if kind == 'det' else ['minmax']
+    run([sys.executable, tool, str(cfg), str(res['ckpt']), '--out-dir', str(out_dir), '--calib-batches', '2',
+         '--calibration', *methods] + keep_all, cwd=toy_root)
     report = json.loads((out_dir / 'quantization_check.json').read_text())
     assert metric in report['fp32'] and metric in report['int8']
+    assert list(report['by_calibration']) == methods and report['int8'] == report['by_calibration']['minmax']['int8']
+    for m in methods:  # each method its own INT8 model and evaluation
+        assert metric in report['by_calibration'][m]['int8'], m
+        assert (out_dir / f'{cfg.stem}_features_int8{"" if m == "minmax" else "-" + m}.onnx').is_file()
+    assert f'INT8 ({methods[-1]})' in (out_dir / 'quantization_check.md').read_text()
     assert abs(report['fp32'][metric] - last_metric(res['test'], metric)) < 1e-3  # the same evaluation as mim test
     assert report['onnx_fp32_max_rel_diff'] < 1e-4
     assert report['layers'] and all(r['layer'].startswith(('backbone.', 'neck.')) for r in report['layers'])

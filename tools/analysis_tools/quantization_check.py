@@ -2,7 +2,7 @@
 config's own evaluation, and which kernels predict trouble.
 
     python tools/analysis_tools/quantization_check.py CONFIG CHECKPOINT [--out-dir DIR] [--calib-batches N]
-        [--cfg-options KEY=VALUE ...]
+        [--calibration minmax|percentile|entropy ...] [--cfg-options KEY=VALUE ...]
 
 CHECKPOINT is a training checkpoint of CONFIG (OREPA/DBB layers are fused
 on the fly, a plain model is used as it is) or a fused deploy checkpoint
@@ -58,6 +58,9 @@ from orepa_mm.deploy import deploy_config  # noqa: E402
 from orepa_mm.quantization import conv_weight_statistics  # noqa: E402
 
 PROG = 'quantization_check'
+#: ``--calibration`` choices: ONNX Runtime's calibration method and its options.
+CALIBRATIONS = {'minmax': ('MinMax', {}), 'percentile': ('Percentile', {'CalibPercentile': 99.999}),
+                'entropy': ('Entropy', {})}
 
 
 class OnnxFeatures(nn.Module):
@@ -102,6 +105,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('checkpoint')
     parser.add_argument('--out-dir', default=osp.join('work_dirs', 'quantization_check'))
     parser.add_argument('--calib-batches', type=int, default=16, help='val batches for calibration')
+    parser.add_argument('--calibration', nargs='+', choices=list(CALIBRATIONS), default=['minmax'],
+                        help='activation calibration method(s); each gets its INT8 model and evaluation')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
                         help='override config settings, key=value (as in mmdet/mmseg tools)')
     args = parser.parse_args(argv)
@@ -164,7 +169,7 @@ def export(features: nn.Module, x: torch.Tensor, path: str) -> List[str]:
     return names
 
 
-def quantize(fp32_path: str, int8_path: str, inputs: List[torch.Tensor]) -> None:
+def quantize(fp32_path: str, int8_path: str, inputs: List[torch.Tensor], calibration: str = 'minmax') -> None:
     from mmengine.utils import ProgressBar
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -186,10 +191,12 @@ def quantize(fp32_path: str, int8_path: str, inputs: List[torch.Tensor]) -> None
             self.bar.update()
             return {'input': x.numpy()}
 
+    method, options = CALIBRATIONS[calibration]
+
     def write(tmp: str) -> None:
         quantize_static(fp32_path, tmp, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=getattr(CalibrationMethod, method), extra_options=dict(options))
     atomic_write(int8_path, write)
     sys.stdout.write('\n')
 
@@ -206,11 +213,15 @@ def scalar_metrics(metrics: Dict[str, Any]) -> Dict[str, float]:
 
 
 def markdown(report: Dict[str, Any]) -> str:
-    lines = ['| metric | fp32 | INT8 | drop (fp32 - INT8) |', '|---|---|---|---|']
+    methods = list(report['by_calibration'])
+    lines = ['| metric | fp32 | ' + ' | '.join(f'INT8 ({m}) | drop ({m})' for m in methods) + ' |',
+             '|---|---|' + '---|---|' * len(methods)]
     for key, fp32 in report['fp32'].items():
-        int8 = report['int8'].get(key)
-        lines.append(f'| {key} | {fp32:.4f} | {int8:.4f} | {fp32 - int8:+.4f} |' if int8 is not None
-                     else f'| {key} | {fp32:.4f} | | |')
+        cells = []
+        for m in methods:
+            int8 = report['by_calibration'][m]['int8'].get(key)
+            cells += ['', ''] if int8 is None else [f'{int8:.4f}', f'{fp32 - int8:+.4f}']
+        lines.append(f'| {key} | {fp32:.4f} | ' + ' | '.join(cells) + ' |')
     lines += ['', f'ONNX Runtime vs PyTorch, float32 features: max relative difference '
               f'{report["onnx_fp32_max_rel_diff"]:.2e}', '',
               '| layer | shape | outlier ratio (worst channel) | channel range ratio | INT8 weight error |',
@@ -243,8 +254,14 @@ def plot(layers: List[Dict[str, Any]], title: str, path: str) -> None:
 
 
 def quantization_check(config: str, checkpoint: str, out_dir: str, calib_batches: int = 16,
-                       cfg_options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Run the check (see the module docstring); returns the report."""
+                       cfg_options: Optional[Dict[str, Any]] = None,
+                       calibrations: Sequence[str] = ('minmax', )) -> Dict[str, Any]:
+    """Run the check (see the module docstring); returns the report.  Its
+    ``int8`` and ``drop`` are those of the first of ``calibrations``;
+    ``by_calibration`` has each method's."""
+    unknown = [c for c in calibrations if c not in CALIBRATIONS]
+    if unknown or not calibrations:
+        raise ToolError(f'unknown calibration {unknown}: choose from {", ".join(CALIBRATIONS)}')
     with warnings.catch_warnings():  # the frameworks' import-time deprecation warnings
         warnings.simplefilter('ignore')
         cfg = load_config(config, cfg_options)
@@ -268,27 +285,34 @@ def quantization_check(config: str, checkpoint: str, out_dir: str, calib_batches
         f'{" and neck" if neck is not None else ""} to INT8 (ONNX Runtime, QDQ, per-channel)')
     inputs = calibration_inputs(runner, model, calib_batches)
     name = osp.splitext(osp.basename(config))[0]
-    fp32_path, int8_path = (osp.join(out_dir, f'{name}_features_{kind}.onnx') for kind in ('fp32', 'int8'))
+    fp32_path = osp.join(out_dir, f'{name}_features_fp32.onnx')
     export(features, inputs[0], fp32_path)
     with torch.no_grad():
         ref, got = features(inputs[0]), OnnxFeatures(fp32_path)(inputs[0])
     onnx_gap = max(((r - g).abs().max() / r.abs().max().clamp_min(1e-12)).item() for r, g in zip(ref, got))
-    quantize(fp32_path, int8_path, inputs)
 
-    log('[4/5] evaluating with the INT8 backbone/neck in ONNX Runtime')
-    model.backbone = OnnxFeatures(int8_path)
-    if neck is not None:
-        model.neck = _PassThrough()
-    try:
-        int8 = scalar_metrics(runner.test())
-    finally:
-        model.backbone = features.backbone
+    by_calibration = {}
+    for calibration in calibrations:
+        int8_path = osp.join(out_dir, f'{name}_features_int8' + ('' if calibration == 'minmax' else
+                                                                  f'-{calibration}') + '.onnx')
+        log(f'[4/5] {calibration} calibration: quantizing, then evaluating with the INT8 backbone/neck in '
+            'ONNX Runtime')
+        quantize(fp32_path, int8_path, inputs, calibration)
+        model.backbone = OnnxFeatures(int8_path)
         if neck is not None:
-            model.neck = neck
+            model.neck = _PassThrough()
+        try:
+            int8 = scalar_metrics(runner.test())
+        finally:
+            model.backbone = features.backbone
+            if neck is not None:
+                model.neck = neck
+        by_calibration[calibration] = dict(int8=int8, drop={k: fp32[k] - int8[k] for k in fp32 if k in int8})
+    first = by_calibration[calibrations[0]]
     report = dict(config=osp.abspath(config), checkpoint=osp.abspath(checkpoint), calib_batches=calib_batches,
                   scheme='ONNX Runtime static PTQ, QDQ, per-channel symmetric INT8 weights, UINT8 activations '
-                         '(min/max calibration); backbone and neck',
-                  fp32=fp32, int8=int8, drop={k: fp32[k] - int8[k] for k in fp32 if k in int8},
+                         f'({calibrations[0]} calibration); backbone and neck',
+                  fp32=fp32, int8=first['int8'], drop=first['drop'], by_calibration=by_calibration,
                   onnx_fp32_max_rel_diff=onnx_gap, layers=layers,
                   worst_outlier_ratio=max(r['outlier_ratio'] for r in layers),
                   mean_int8_weight_error=sum(r['int8_weight_error'] for r in layers) / len(layers))
@@ -304,7 +328,8 @@ def quantization_check(config: str, checkpoint: str, out_dir: str, calib_batches
 @tool_main(PROG)
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    quantization_check(args.config, args.checkpoint, args.out_dir, args.calib_batches, args.cfg_options)
+    quantization_check(args.config, args.checkpoint, args.out_dir, args.calib_batches, args.cfg_options,
+                       args.calibration)
     log(f'wrote quantization_check.json, .md and .png in {args.out_dir}')
 
 
