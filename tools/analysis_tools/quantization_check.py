@@ -192,6 +192,13 @@ def quantize(fp32_path: str, int8_path: str, inputs: List[torch.Tensor], calibra
             return {'input': x.numpy()}
 
     method, options = CALIBRATIONS[calibration]
+    if calibration != 'minmax' and len({tuple(x.shape) for x in inputs}) > 1:
+        # ONNX Runtime's histogram calibrators stack each tensor over the calibration steps, which
+        # must then have one shape: one image per step (a last batch may be short), padded with
+        # zeros at the bottom and right to the largest size, as a detector's data preprocessor pads.
+        h, w = max(x.shape[-2] for x in inputs), max(x.shape[-1] for x in inputs)
+        inputs = [torch.nn.functional.pad(img[None], (0, w - img.shape[-1], 0, h - img.shape[-2]))
+                  for x in inputs for img in x]
 
     def write(tmp: str) -> None:
         quantize_static(fp32_path, tmp, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
