@@ -324,14 +324,17 @@ def draw_chart(report: Dict[str, Any], path: str) -> bool:
     return True
 
 
-def write_report(report: Dict[str, Any], base: str) -> List[str]:
-    """Write ``base`` + ``.json``, ``.md`` and (with matplotlib) ``.png``; return the paths written."""
+def write_report(report: Dict[str, Any], base: str,
+                 render: Optional[Callable[[Dict[str, Any]], str]] = None,
+                 draw: Optional[Callable[[Dict[str, Any], str], bool]] = None) -> List[str]:
+    """Write ``base`` + ``.json``, ``.md`` (``render``, default :func:`markdown`) and, with
+    matplotlib, ``.png`` (``draw``, default :func:`draw_chart`); return the paths written."""
     os.makedirs(os.path.dirname(base) or '.', exist_ok=True)
     with open(base + '.json', 'w') as f:
         json.dump(report, f, indent=2)
     with open(base + '.md', 'w') as f:
-        f.write(markdown(report))
+        f.write((render or markdown)(report))
     written = [base + '.json', base + '.md']
-    if draw_chart(report, base + '.png'):
+    if (draw or draw_chart)(report, base + '.png'):
         written.append(base + '.png')
     return written

@@ -17,10 +17,9 @@ batch size, at the sweep's first input size) where OREPA's step falls to
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .report import markdown_table, metric_value, pyplot, text_table
+from .report import markdown_table, metric_value, pyplot, text_table, write_report
 
 #: The step-time ratio the sweep reports the crossing of.
 TARGET_RATIO = 1.10
@@ -175,16 +174,7 @@ def draw(report: Dict[str, Any], path: str) -> bool:
 
 def write(report: Dict[str, Any], base: str) -> List[str]:
     """``base`` + ``.json``, ``.md`` and (with matplotlib) ``.png``; the paths written."""
-    import json
-    os.makedirs(os.path.dirname(base) or '.', exist_ok=True)
-    with open(base + '.json', 'w') as f:
-        json.dump(report, f, indent=2)
-    with open(base + '.md', 'w') as f:
-        f.write(markdown(report))
-    written = [base + '.json', base + '.md']
-    if draw(report, base + '.png'):
-        written.append(base + '.png')
-    return written
+    return write_report(report, base, markdown, draw)
 
 
 def print_table(report: Dict[str, Any]) -> None:
