@@ -53,8 +53,6 @@ DEPLOY_CONFIGS = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'conf
 #: The mmdeploy task of each framework, as the deploy configs are named.
 TASKS = {'mmdet': 'detection', 'mmseg': 'segmentation', 'mmpretrain': 'classification'}
 BACKENDS = ('onnxruntime', 'tensorrt-fp16', 'tensorrt-int8')
-#: The metric compared by ``--verify``, per task.
-METRICS = {'detection': 'coco/bbox_mAP', 'segmentation': 'mIoU', 'classification': 'accuracy/top1'}
 
 
 class DeployError(ToolError):
