@@ -45,7 +45,7 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # the sibling tool, run 
 from fuse_checkpoint import fuse_checkpoint  # noqa: E402
 
 from orepa_mm import compat  # noqa: E402
-from orepa_mm.checkpoint import atomic_write  # noqa: E402
+from orepa_mm.checkpoint import atomic_write_text  # noqa: E402
 from orepa_mm.cli import EXIT_STATUS_HELP, ToolError, build_runner, log, quietly_built, tool_main  # noqa: E402
 from orepa_mm.config import load_config  # noqa: E402
 
@@ -113,10 +113,10 @@ def export(deploy_cfg: str, model_cfg: str, checkpoint: str, img: str, work_dir:
     """mmdeploy's pipeline into ``work_dir``; the backend files it wrote."""
     from mmdeploy.apis import torch2onnx
     from mmdeploy.utils import get_ir_config
+    from mmdeploy.utils import load_config as mmdeploy_load_config
 
     from orepa_mm import mmdeploy_rewrites
     mmdeploy_rewrites.register()
-    from mmdeploy.utils import load_config as mmdeploy_load_config
     dcfg, mcfg = mmdeploy_load_config(deploy_cfg, model_cfg)
     onnx_file = get_ir_config(dcfg)['save_file']
     log(f'[2/3] torch2onnx with {osp.relpath(deploy_cfg)} (TorchScript exporter)')
@@ -312,14 +312,9 @@ def deploy(config: str, checkpoint: str, out_dir: str, backend: str = 'onnxrunti
             print(metric_table(summary['verify'], backend))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    atomic_write(summary_path, lambda path: _write_json(path, summary))
+    atomic_write_text(summary_path, json.dumps(summary, indent=2))
     log(f'deployed {osp.basename(config)} to {backend}: {", ".join(outputs)}')
     return summary
-
-
-def _write_json(path: str, value: Any) -> None:
-    with open(path, 'w') as f:
-        json.dump(value, f, indent=2)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
