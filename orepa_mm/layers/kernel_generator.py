@@ -135,6 +135,11 @@ class KernelGenerator(nn.Module):
 
     branch_names: Tuple[str, ...] = ()
     scaling: str = 'channel'
+    #: Branches left out of the generated kernel because the layer computes
+    #: them on the feature map (:mod:`.feature_path`).  Only the virtual
+    #: generators of batched generation set it; a layer's own generator
+    #: always generates its whole kernel.
+    kernel_without: Tuple[str, ...] = ()
 
     def _init_options(self, branches: Optional[Sequence[str]], scaling: str, own: Sequence[str]) -> None:
         """Keep the branches of ``own`` named in ``branches`` (all when None;
@@ -154,6 +159,10 @@ class KernelGenerator(nn.Module):
 
     def has(self, branch: str) -> bool:
         return branch in self.branch_names
+
+    def generates(self, branch: str) -> bool:
+        """Whether the generated kernel includes ``branch`` (has it, and does not leave it out)."""
+        return branch in self.branch_names and branch not in self.kernel_without
 
     def scales(self) -> Tensor:
         """The branches' scales per output channel, ``(rows, out_channels)``.
@@ -203,8 +212,9 @@ class KernelGenerator(nn.Module):
         raise NotImplementedError
 
     def reference_kernel(self) -> Tensor:
-        """The kernel as the readable formula: the sum of :meth:`branch_kernels`."""
-        return sum_kernels(self.branch_kernels().values())
+        """The kernel as the readable formula: the sum of :meth:`branch_kernels`
+        (those not in :attr:`kernel_without`)."""
+        return sum_kernels(k for b, k in self.branch_kernels().items() if b not in self.kernel_without)
 
     def generate(self) -> Tensor:
         """The kernel, without autograd (a fresh tensor)."""
@@ -212,7 +222,8 @@ class KernelGenerator(nn.Module):
             return self.reference_kernel()
 
     def kernel_backward(self, grad_kernel: Tensor) -> Dict[str, Tensor]:
-        """``dL/dp`` by parameter name, given ``dL/dkernel`` (frozen parameters may be left out)."""
+        """``dL/dp`` by parameter name, given ``dL/dkernel``.  Frozen parameters
+        and those only of branches in :attr:`kernel_without` may be left out."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         with torch.enable_grad():
             kernel = self.reference_kernel()
@@ -224,7 +235,7 @@ class KernelGenerator(nn.Module):
         if not any(needed):
             return [None] * len(needed)
         grads = self.kernel_backward(grad_kernel.to(self.weight_origin.dtype))
-        return [grads[name] if need else None for (name, _), need in zip(self.named_parameters(), needed)]
+        return [grads.get(name) if need else None for (name, _), need in zip(self.named_parameters(), needed)]
 
     def forward(self) -> Tensor:
         params = tuple(self.parameters())

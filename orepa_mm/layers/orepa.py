@@ -27,6 +27,7 @@ from torch import Tensor
 from .. import compat
 from .base import IntOrPair, ReparamConv2d
 from .batched_generation import training_conv
+from .feature_path import FEATURE_PATHS, FeaturePlan
 from .kernel_cache import KernelCache
 from .kernel_generator import ALL_BRANCHES, SCALINGS, KernelGenerator
 from .orepa_branches import OREPA1x1Branches, OREPAKxKBranches, OREPAStackedBranches
@@ -106,6 +107,16 @@ class OREPAConv2d(ReparamConv2d):
             stem (``'deep_stem'``).
         scaling: ``'channel'`` (default, the paper's), ``'scalar'`` (one
             scale per branch) or ``'none'`` (branches summed unscaled).
+        feature_path: ``'auto'`` (default): in a training step, the
+            ``1x1_kxk`` / ``l2i`` branch runs as two convs on the feature
+            map when that costs fewer multiply-adds than folding it into
+            the kernel (small batches, wide layers) and the map it keeps is
+            no larger than the kernel; ``'never'``: always in the kernel
+            (one conv per forward, the paper's form); ``'always'``: always
+            on the feature map.  The same function either way; evaluation
+            and fusing always use the whole kernel
+            (:mod:`orepa_mm.layers.feature_path`, whose
+            ``feature_path_report(model)`` lists the choices).
 
     Every option is still one conv per forward, fuses exactly, and batches
     with the layers of the same shape and options.  In an mmdet/mmseg
@@ -116,10 +127,16 @@ class OREPAConv2d(ReparamConv2d):
                  padding: IntOrPair | str = 0, dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
                  padding_mode: str = 'zeros', large_kernel_threshold: int = LARGE_KERNEL_THRESHOLD,
                  single_init: bool = False, branches: Optional[Sequence[str]] = None,
-                 scaling: str = 'channel', device: Optional[torch.device] = None,
+                 scaling: str = 'channel', feature_path: str = 'auto', device: Optional[torch.device] = None,
                  dtype: Optional[torch.dtype] = None) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode)
+        if feature_path not in FEATURE_PATHS:
+            raise ValueError(f'OREPAConv2d: feature_path must be one of {FEATURE_PATHS}, got {feature_path!r}')
+        #: When a training step computes a two-conv branch on the feature map (see the class docstring).
+        self.feature_path = feature_path
+        #: The last training step's choice (:class:`~orepa_mm.layers.feature_path.FeaturePlan`), or None.
+        self.feature_plan: Optional[FeaturePlan] = None
         self.branches = build_branches(in_channels, out_channels, self.kernel_size[0], groups,
                                        large_kernel_threshold, branches, scaling)
         self.single_init = single_init

@@ -85,7 +85,7 @@ class OREPA1x1Branches(KernelGenerator):
     def generate(self) -> Tensor:
         o, v = self.out_channels, self.scales()
         with torch.no_grad():
-            if not self.has('l2i'):
+            if not self.generates('l2i'):
                 return torch.mul(self.weight_origin, v[0, :, None])[:, :, None, None]
             # kernel = v0 * W + (v1 * B) @ A; the scaled factor B is no larger than the kernel (t <= in).
             b = self.weight_l2i_second
@@ -100,8 +100,11 @@ class OREPA1x1Branches(KernelGenerator):
         with torch.no_grad():
             grad = grad_kernel.reshape(self.out_channels, -1)
             grads = {'weight_origin': grad * v[0, :, None]}
-            if not self.has('l2i'):
-                grads.update(self.scale_grads(_rowwise_dot(grad, self.weight_origin)[None]))
+            if not self.generates('l2i'):
+                grad_scales = _rowwise_dot(grad, self.weight_origin)[None]
+                if self.has('l2i'):  # computed on the feature map: its scale gets its gradient there
+                    grad_scales = torch.cat([grad_scales, torch.zeros_like(grad_scales)])
+                grads.update(self.scale_grads(grad_scales))
                 return grads
             first, second = self.weight_l2i_first, self.weight_l2i_second
             grad_g = self._grouped(grad)
@@ -257,7 +260,7 @@ class OREPAKxKBranches(ConstantBuffers, KernelGenerator):
         like, get = self.weight_origin, _scratch.get
         with torch.no_grad():
             work = None  # the 1x1-kxk and pattern branches in the work layout (o, kk, in_g)
-            if self.has('1x1_kxk'):  # (v * C) in the work layout (o, kk, t_g), times (A + I)
+            if self.generates('1x1_kxk'):  # (v * C) in the work layout (o, kk, t_g), times (A + I)
                 second = torch.mul(self.weight_1x1_kxk_second.view(o, t_g, kk).transpose(1, 2),
                                    v[self.row('1x1_kxk'), :, None, None], out=get('s0', (o, kk, t_g), like))
                 work = get('s1', (o, kk, in_g), like)
@@ -291,10 +294,12 @@ class OREPAKxKBranches(ConstantBuffers, KernelGenerator):
         with torch.no_grad():
             grad_kernel = grad_kernel.contiguous()
             grad = grad_kernel.view(o, in_g, kk)
-            grad_scales: List[Tensor] = [v[0]] * len(self.branch_names)  # rows filled below, stacked at the end
+            # rows filled below, stacked at the end; a branch left out of the kernel gets none here
+            grad_scales: List[Tensor] = [torch.zeros_like(v[0])] * len(self.branch_names)
             grads = {'weight_origin': grad_kernel * v[0, :, None, None, None]}
             grad_scales[0] = _rowwise_dot(grad, self.weight_origin.view(o, in_g, kk))
-            if self.patterns or self.has('1x1_kxk'):
+            on_kernel_1x1_kxk = self.generates('1x1_kxk')
+            if self.patterns or on_kernel_1x1_kxk:
                 grad_work = get('s0', (o, kk, in_g), like)
                 grad_work.copy_(grad.transpose(1, 2))
             if self.patterns:  # avg, prior, centred 1x1
@@ -306,7 +311,7 @@ class OREPAKxKBranches(ConstantBuffers, KernelGenerator):
                 grad_factors.mul_(self._pattern_scales(v)[:, :, None])
                 for j, b in enumerate(self.patterns):
                     grads[f'weight_{b}'] = grad_factors[:, j].contiguous()
-            if self.has('1x1_kxk'):
+            if on_kernel_1x1_kxk:
                 # in the work layout: d/d(v * C) = G_work @ (A + I)^T, d/dA = (v * C)^T @ G_work
                 v3 = v[self.row('1x1_kxk'), :, None, None]
                 second = get('s1', (o, kk, t_g), like)

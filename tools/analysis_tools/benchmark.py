@@ -134,6 +134,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if min(args.rounds, args.iters, args.batch_size, args.profile_steps, *args.input_size) < 1 or args.warmup < 0:
         parser.error('--rounds, --iters, --batch-size, --input-size and --profile-steps must be >= 1, '
                      '--warmup >= 0')
+    if {'orepa', 'orepa-kernel'} <= set(args.variants):
+        parser.error('--variants orepa and orepa-kernel cannot be measured in one process: OREPA models in one '
+                     'process share their kernel generations (layers of the same shape are generated together), '
+                     'so each would pay for the other\'s kernels; measure them in two runs, each with plain')
     if args.amp_dtype and not args.amp:
         parser.error('--amp-dtype needs --amp')
     if args.sweep and (len(args.workloads) != 1 or 'plain' not in args.variants or args.profile):

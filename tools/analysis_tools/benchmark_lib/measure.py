@@ -19,12 +19,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from orepa_mm import count_reparam_layers, fuse_model
+from orepa_mm import count_reparam_layers, feature_path_report, fuse_model
 from orepa_mm.cli import log
 from orepa_mm.compat import grad_scaler
 
 from .counters import SavedTensorCounter, count_gflop, count_ops, model_tensors
-from .workloads import Workload
+from .workloads import Workload, build_variant, describe_variant
 
 #: The optimizer of every training step, as the report names it.
 OPTIMIZER = 'SGD(momentum=0.9, weight_decay=1e-4, foreach=True)'
@@ -198,7 +198,7 @@ def build_trainees(workload: Workload, variants: Sequence[str], settings: RunSet
     trainees: List[Trainee] = []
     for variant in variants:
         torch.manual_seed(settings.seed)
-        model = workload.build(variant)
+        model = build_variant(workload, variant)
         if trainees:
             share_weights(trainees[0].model, model, workload.backbone_prefix)
         model.to(workload.device)
@@ -216,10 +216,16 @@ def _counting_step(trainee: Trainee, result: Dict[str, Any]) -> None:
     result.update(trainee.flop_step())
     result.update(trainee.op_step())
     result['workload'] = dict(train=trainee.workload.stats(trainee.model))
+    plans = feature_path_report(trainee.model)
+    if plans:  # which OREPA layers ran a branch on the feature map in that step
+        result['feature_path_layers'] = sum(p['on_features'] for p in plans)
+        result['feature_path_plans'] = plans
     cuda = result['cuda_max_allocated_bytes']
     log(f'{trainee.workload.name} | counting step | {trainee.variant} | saved for backward '
         f'{result["saved_activation_bytes"] / 1e6:.1f} MB, {result["train_gflop"]:.1f} GFLOP, '
-        f'{result["train_ops"]} ops per step' + ('' if cuda is None else f', CUDA step peak {cuda / 1e6:.1f} MB'))
+        f'{result["train_ops"]} ops per step' + ('' if cuda is None else f', CUDA step peak {cuda / 1e6:.1f} MB')
+        + (f', {result["feature_path_layers"]} of {len(plans)} layers with a branch on the feature map'
+           if plans else ''))
 
 
 def measure_workload(workload: Workload, settings: RunSettings) -> Dict[str, Dict[str, Any]]:
@@ -227,7 +233,7 @@ def measure_workload(workload: Workload, settings: RunSettings) -> Dict[str, Dic
     name, device = workload.name, workload.device
     trainees = build_trainees(workload, settings.variants, settings)
     results: Dict[str, Dict[str, Any]] = {
-        t.variant: dict(built=workload.describe(t.variant), reparam_layers=count_reparam_layers(t.model))
+        t.variant: dict(built=describe_variant(workload, t.variant), reparam_layers=count_reparam_layers(t.model))
         for t in trainees}
 
     # The counts are taken in the last warm-up step, or in an extra untimed

@@ -24,7 +24,8 @@ from .report import markdown_table, metric_value, pyplot, text_table, write_repo
 #: The step-time ratio the sweep reports the crossing of.
 TARGET_RATIO = 1.10
 #: Per point, the figures kept (``metric_value`` of the benchmark's results).
-POINT_METRICS = ('train_step_s', 'train_gflop', 'train_ops', 'saved_activation_bytes', 'cuda_max_allocated_bytes')
+POINT_METRICS = ('train_step_s', 'train_gflop', 'train_ops', 'saved_activation_bytes', 'cuda_max_allocated_bytes',
+                 'feature_path_layers')
 
 
 def point(batch: int, size: Tuple[int, int], results: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
@@ -86,8 +87,11 @@ def rows(points: List[Dict[str, Any]], baseline: str = 'plain') -> Tuple[List[st
     """The sweep table: per point, plain's step and each variant's ratios."""
     variants = [v for v in points[0]['variants'] if v != baseline]
     header = ['batch', 'input', 'work (Mpx)', f'{baseline} step']
+    with_plans = [v for v in variants if points[0]['variants'][v].get('feature_path_layers') is not None]
     for v in variants:
         header += [f'{v} time', f'{v} FLOPs', f'{v} saved', f'{v} ops']
+        if v in with_plans:
+            header.append(f'{v} layers on features')
     table = []
     for p in points:
         base = p['variants'][baseline]
@@ -97,6 +101,8 @@ def rows(points: List[Dict[str, Any]], baseline: str = 'plain') -> Tuple[List[st
             mine = p['variants'][v]
             row += [_ratio(mine, base, k) for k in ('train_step_s', 'train_gflop', 'saved_activation_bytes',
                                                       'train_ops')]
+            if v in with_plans:
+                row.append(str(mine.get('feature_path_layers', '-')))
         table.append(row)
     return header, table
 

@@ -9,8 +9,10 @@ compiled ops), ``toy-fcos`` (the demo's toy detector, configs/toy; use it
 at its own 160x160).
 
 Variants (:data:`VARIANTS`): ``plain``, ``dbb`` (the paper's DBB baseline:
-DBB layers for the k x k convs, 1x1 convs and the stem plain) and ``orepa``
-(every conv an OREPA layer).
+DBB layers for the k x k convs, 1x1 convs and the stem plain), ``orepa``
+(every conv an OREPA layer) and ``orepa-kernel`` (the same model with
+``feature_path='never'``: every branch folded into the kernel, one conv per
+training forward, as before the feature-map choice existed).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from torch import Tensor
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
-VARIANTS = ('plain', 'dbb', 'orepa')
+VARIANTS = ('plain', 'dbb', 'orepa', 'orepa-kernel')
 #: Variants measured unless the command line says otherwise.
 DEFAULT_VARIANTS = ('plain', 'dbb', 'orepa')
 WORKLOADS = ('resnet18', 'resnet50', 'faster-rcnn', 'pspnet', 'tv-faster-rcnn', 'toy-fcos')
@@ -64,6 +66,26 @@ def swap_convs(module: nn.Module, variant: str) -> int:
 # ---------------------------------------------------------------------------
 # Workloads
 # ---------------------------------------------------------------------------
+def build_variant(workload: 'Workload', variant: str) -> nn.Module:
+    """``workload``'s model of ``variant``: ``orepa-kernel`` is the ``orepa``
+    model with every OREPA layer's ``feature_path`` set to ``'never'``."""
+    if variant != 'orepa-kernel':
+        return workload.build(variant)
+    from orepa_mm import OREPAConv2d
+    model = workload.build('orepa')
+    for module in model.modules():
+        if isinstance(module, OREPAConv2d):
+            module.feature_path = 'never'
+    return model
+
+
+def describe_variant(workload: 'Workload', variant: str) -> str:
+    """What :func:`build_variant` builds, for the metadata."""
+    if variant != 'orepa-kernel':
+        return workload.describe(variant)
+    return f"{workload.describe('orepa')}, feature_path='never'"
+
+
 class Workload:
     """One benchmarked model: builds each variant and runs it on a fixed batch."""
 
