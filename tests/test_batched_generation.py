@@ -467,6 +467,40 @@ def test_operators_per_step_do_not_grow_with_depth():
     assert n_orepa / n_plain <= 2.5, f'{n_orepa} vs {n_plain} operators per step'
 
 
+# -- which kernels are kept for backward ------------------------------------------------
+@pytest.mark.parametrize('batch,kept', [(8, True), (1, False)])
+def test_large_1x1_kernels_are_kept_at_large_batches(per_layer, batch: int, kept: bool) -> None:
+    """A 1x1 group keeps its kernels when they are small beside its members'
+    inputs and costly to generate, else generates them again in backward;
+    both are the per-layer definition's step, and what is kept is counted."""
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(OREPAConv2d(256, 256, 1, bias=False), nn.ReLU(), OREPAConv2d(256, 256, 1, bias=False))
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, OREPAConv2d):
+                    m.branches.branch_scales.uniform_(0.5, 1.5)
+        return model.double().train()
+    batched_generation._GROUPS.clear()  # no member of an earlier test's model
+    x = torch.randn(batch, 256, 16, 16, dtype=torch.float64)
+    model = build()
+    loss_of(model(x)).backward()  # the first step forms the group
+    model.zero_grad(set_to_none=True)
+    with counters.SavedTensorCounter(lambda: counters.model_tensors(model)) as counter:
+        out = model(x)
+    group = batched_generation._group_of(model[0].branches)
+    assert group.generation.regenerate_in_backward is not kept
+    activations = 2 * batch * 256 * 16 * 16 * 8  # the two convs' inputs (x, the ReLU's output)
+    kernels = 2 * 256 * 256 * 8
+    assert counter.nbytes == activations + (kernels if kept else 0)
+    loss_of(out).backward()
+    got = grads(model)
+    per_layer()
+    reference = build()
+    loss_of(reference(x)).backward()
+    assert_same_grads(grads(reference), got, REL[torch.float64])
+
+
 # -- DDP ---------------------------------------------------------------------------------
 def _ddp_worker(rank: int, world: int, rendezvous: str, path: str, device_type: str, capture: str) -> None:
     import datetime

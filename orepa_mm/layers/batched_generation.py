@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import compat
-from .feature_path import FeaturePlan, feature_branch_conv, plan_for
+from .feature_path import FeaturePlan, feature_branch_conv, operator_cost_macs, plan_for
 from .generation_capture import CapturedGeneration, generation_capture
 from .orepa_branches import OREPA1x1Branches, OREPAKxKBranches, OREPAStackedBranches
 
@@ -89,10 +89,7 @@ class _Generation:
     """One call of a group's generation: the kernels and what they were made from."""
 
     def __init__(self, members: Sequence[nn.Module]) -> None:
-        # Kernels not worth keeping for backward: the 1x1 block's, and the
-        # k x k block's without its 1x1-kxk branch (the cheap rest of it).
-        self.regenerate_in_backward = isinstance(members[0], OREPA1x1Branches) \
-            or '1x1_kxk' in _on_features(members[0])
+        self.regenerate_in_backward = _regenerate_in_backward(members)
         self.index = {id(m): i for i, m in enumerate(members)}
         self.members = [weakref.ref(m) for m in members]  # ids can be reused after a member dies
         self.versions = [_versions(m) for m in members]
@@ -142,6 +139,41 @@ class _Generation:
         if not self.untaken:  # everyone has it: from now on it lives only as long as someone uses it
             self.kernels = None
         return None if kernel is None else (kernel, i)
+
+
+#: A 1x1 group keeps its kernels for backward when they are at most this
+#: share of the inputs its members' convs keep anyway (see _regenerate_in_backward)...
+KEEP_1X1_KERNELS_UP_TO = 0.5
+#: ... and generating them again would cost more than this many operators
+#: (priced as in :mod:`.feature_path`): below, keeping saves nothing measurable.
+KEEP_1X1_KERNELS_FROM_OPERATORS = 16
+
+
+def _regenerate_in_backward(members: Sequence[nn.Module]) -> bool:
+    """Whether the group's kernels are generated again in backward instead of kept.
+
+    Kept, as ``nn.Conv2d`` keeps its weight: the k x k block's (the larger
+    generation).  Generated again (one GEMM for the group): the k x k
+    block's without its 1x1-kxk branch (the cheap rest of it), and the 1x1
+    block's unless they are small beside the inputs of the members' convs,
+    i.e. at large batches (at most :data:`KEEP_1X1_KERNELS_UP_TO` of those
+    inputs, as measured at the members' last forward), and costly to
+    generate (more than :data:`KEEP_1X1_KERNELS_FROM_OPERATORS` operators'
+    worth of multiply-adds).  Measured on a
+    ResNet-50 at 224x224 on CPU: at batch 16 keeping every 1x1 kernel took
+    the step from 1.23x to 1.20x plain's and the bytes kept for backward from
+    1.03x to 1.07x; at batch 4 it would have added 0.14x, more than the time
+    it saves is worth.
+    """
+    first = members[0]
+    if isinstance(first, OREPAKxKBranches):
+        return '1x1_kxk' in _on_features(first)
+    p = first.weight_origin
+    kernel_bytes = len(members) * p.numel() * p.element_size()
+    input_bytes = sum(getattr(m, '_input_bytes', 0) for m in members)
+    generation_macs = len(members) * p.numel() * getattr(first, 'internal', 0) // first.groups
+    worth = generation_macs > KEEP_1X1_KERNELS_FROM_OPERATORS * operator_cost_macs(p.device.type)
+    return not (worth and kernel_bytes <= KEEP_1X1_KERNELS_UP_TO * input_bytes)
 
 
 def _packed(first: Tensor, n: int) -> Tensor:
@@ -451,19 +483,19 @@ def training_conv(layer: nn.Module, x: Tensor, padding: Tuple[int, int]) -> Tens
 
     A branch that is cheaper on the feature map for this input
     (:mod:`.feature_path`) runs there, and the group generates the rest of
-    the kernel.  A 1x1 block's kernel, and a k x k block's without its
-    1x1-kxk branch, is generated again in backward (one GEMM for the whole
-    group) instead of being kept; the larger k x k generation keeps its
-    kernels for backward, as ``nn.Conv2d`` keeps its weight.  Measured on a
-    ResNet-50 at batch 2 and 512x512 on CPU: this split keeps 1.05x a plain
-    model's saved bytes at 1.44x its step time; regenerating every kernel
-    kept 1.00x but took 1.61x (fresh group-sized buffers), keeping every
-    kernel took 1.105x."""
+    the kernel.  Small kernels are generated again in backward rather than
+    kept (:func:`_regenerate_in_backward`).  Measured on a ResNet-50 at
+    batch 2 and 512x512 on CPU, before the feature map and the size rule:
+    regenerating the 1x1 kernels and keeping the k x k ones kept 1.05x a
+    plain model's saved bytes at 1.44x its step time; regenerating every
+    kernel kept 1.00x but took 1.61x (fresh group-sized buffers), keeping
+    every kernel took 1.105x."""
     generator = layer.branches  # the caller checked that some branch parameter needs a gradient
     plan = None
     if batchable(generator):
         plan = _plan(layer, x, padding)
         generator._on_features = (plan.branch, ) if plan is not None and plan.on_features else ()
+        generator._input_bytes = x.numel() * x.element_size()
         kernel, generation, index = _group_of(generator).kernel(generator)
         if generation.regenerate_in_backward:
             out = _GroupConv.apply(x, kernel, layer.bias, generation, index, layer, padding)

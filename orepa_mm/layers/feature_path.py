@@ -44,7 +44,7 @@ from .. import compat
 from .orepa_branches import OREPA1x1Branches, OREPAKxKBranches
 
 __all__ = ['FEATURE_PATHS', 'FEATURE_PATH_OPERATORS', 'OPERATOR_COST_MACS', 'FeaturePlan', 'plan_for',
-           'feature_branch_conv', 'feature_path_report']
+           'operator_cost_macs', 'feature_branch_conv', 'feature_path_report']
 
 #: The values of ``OREPAConv2d(feature_path=...)``.
 FEATURE_PATHS = ('auto', 'always', 'never')
@@ -81,6 +81,11 @@ class FeaturePlan:
         return asdict(self)
 
 
+def operator_cost_macs(device_type: str) -> int:
+    """What one more operator in a step costs on ``device_type``, in multiply-adds."""
+    return OPERATOR_COST_MACS.get(device_type, ACCELERATOR_OPERATOR_COST_MACS)
+
+
 def _out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
@@ -111,8 +116,7 @@ def plan_for(layer: nn.Module, x_shape: Sequence[int], padding: Tuple[int, int],
         feature_macs = out_px * (t * in_g + o * t_g)
     feature_bytes = first_px * t * itemsize
     kernel_bytes = o * in_g * k * k * itemsize
-    overhead_macs = FEATURE_PATH_OPERATORS[branch] * OPERATOR_COST_MACS.get(device_type,
-                                                                             ACCELERATOR_OPERATOR_COST_MACS)
+    overhead_macs = FEATURE_PATH_OPERATORS[branch] * operator_cost_macs(device_type)
     if layer.feature_path == 'auto':
         on_features = feature_macs + overhead_macs < kernel_macs and feature_bytes <= kernel_bytes
     else:
