@@ -112,13 +112,21 @@ def test_quantization_benchmark_on_the_benchmarks_runs(bench: Dict[str, Any]) ->
     spec.loader.exec_module(tool)
     out = bench['out'] / 'quantization'
     argv = ['--runs-dirs', str(bench['out'] / 'runs'), '--tasks', 'detector', '--variants', 'plain', 'orepa',
-            '--seeds', '0', '--calib-batches', '2', '--out-dir', str(out)]
+            '--seeds', '0', '--calib-batches', '2', '--calibrations', 'minmax', 'percentile', '--out-dir', str(out)]
     assert tool.main(argv) == 0
-    results = json.loads((out / 'quantization_benchmark.json').read_text())['detector']
+    report = json.loads((out / 'quantization_benchmark.json').read_text())
+    results = report['detector']
     assert set(results) == {'plain', 'orepa'}
     for runs in results.values():
         (run, ) = runs
         assert run['drop'] == pytest.approx(run['fp32'] - run['int8']) and 0 < run['mean_int8_weight_error'] < 0.05
+        assert set(run['by_calibration']) == {'minmax', 'percentile'}
+        assert run['by_calibration']['minmax']['drop'] == run['drop']
+    pair = report['paired_against_plain']['detector']['percentile']['orepa']
+    assert pair['per_seed']['0'] == pytest.approx(results['orepa'][0]['by_calibration']['percentile']['drop']
+                                                  - results['plain'][0]['by_calibration']['percentile']['drop'])
     table = (out / 'quantization_benchmark.md').read_text()
-    assert '| detector | plain | bbox mAP |' in table and '| detector | orepa | bbox mAP |' in table
+    assert '| detector | minmax | plain | bbox mAP |' in table
+    assert '| detector | percentile | orepa | bbox mAP |' in table
+    assert '| detector | percentile | orepa | ' in table.split('Paired on the seeds')[1]
     assert tool.main(argv[:-2] + ['--seeds', '1', '--out-dir', str(out)]) == 2  # no such run: one clear error
