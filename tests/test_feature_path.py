@@ -220,6 +220,43 @@ def test_optimizer_steps_with_mixed_choices_match_the_kernel_path() -> None:
     assert_same(step_grads(models[1], x), step_grads(models[0], x), 1e-8)
 
 
+@pytest.mark.parametrize('reentrant', [False, True])
+def test_with_cp_and_shared_convs(monkeypatch, reentrant: bool) -> None:
+    """Activation checkpointing (the forward runs again in backward), and a
+    layer called twice before one backward (a head shared by FPN levels)."""
+    import torch.utils.checkpoint as cp
+    original = cp.checkpoint
+    monkeypatch.setattr(cp, 'checkpoint', lambda fn, *a, **kw: original(fn, *a, use_reentrant=reentrant))
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+
+    def checkpointed_step(feature_path: str) -> Dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = SlimResNet(depth=50, base_channels=16, with_cp=True,
+                           conv_cfg=dict(type='OREPA', feature_path=feature_path)).double()
+        for m in model.modules():
+            if isinstance(m, OREPAConv2d):
+                randomize_(m)
+        inputs = x.clone().requires_grad_()
+        # backward(), not autograd.grad(): reentrant checkpointing supports only that
+        sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum()
+            for o in model.train()(inputs)).backward()
+        return {'input': inputs.grad, **{n: p.grad for n, p in model.named_parameters() if p.grad is not None}}
+    assert_same(checkpointed_step('never'), checkpointed_step('always'), 1e-10)
+
+    shared = randomize_(OREPAConv2d(8, 8, 3, padding=1, feature_path='always')).double().train()
+    levels = [torch.randn(2, 8, s, s, dtype=torch.float64) for s in (8, 4)]
+
+    class TwoLevels(nn.Module):
+        def __init__(self, conv: nn.Module) -> None:
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x: torch.Tensor) -> list:
+            return [self.conv(level * x.mean()) for level in levels]
+    one = torch.ones(1, dtype=torch.float64)
+    assert_same(step_grads(TwoLevels(twin(shared, 'never')), one), step_grads(TwoLevels(shared), one))
+
+
 def test_eval_and_fuse_use_the_whole_kernel() -> None:
     model = slim_resnet('always')
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)

@@ -2,7 +2,9 @@
 
 ``OREPAConv2d`` trains a linear multi-branch block but runs ONE conv per
 forward: its kernel is generated from the branch parameters (work independent
-of the feature map), then convolved with the input.  The block carries no BN:
+of the feature map), then convolved with the input.  (In training, a two-conv
+branch may instead run on the feature map where that is cheaper:
+:mod:`.feature_path`.)  The block carries no BN:
 in an mmdet/mmseg ResNet the model's own BN after the conv is OREPA's "one BN
 after the sum", so a fused model is a vanilla model.
 
@@ -118,8 +120,9 @@ class OREPAConv2d(ReparamConv2d):
             (:mod:`orepa_mm.layers.feature_path`, whose
             ``feature_path_report(model)`` lists the choices).
 
-    Every option is still one conv per forward, fuses exactly, and batches
-    with the layers of the same shape and options.  In an mmdet/mmseg
+    Every option is still one conv per forward (with ``feature_path``'s
+    exception in training), fuses exactly, and batches with the layers of
+    the same shape and options.  In an mmdet/mmseg
     config: ``conv_cfg=dict(type='OREPA', scaling='scalar')``.
     """
 
