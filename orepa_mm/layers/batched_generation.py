@@ -491,22 +491,24 @@ def training_conv(layer: nn.Module, x: Tensor, padding: Tuple[int, int]) -> Tens
     kernel kept 1.00x but took 1.61x (fresh group-sized buffers), keeping
     every kernel took 1.105x."""
     generator = layer.branches  # the caller checked that some branch parameter needs a gradient
-    plan = None
+    on_features: Tuple[str, ...] = ()
+    generation = None
     if batchable(generator):
         plan = _plan(layer, x, padding)
-        generator._on_features = (plan.branch, ) if plan is not None and plan.on_features else ()
+        on_features = (plan.branch, ) if plan is not None and plan.on_features else ()
+        generator._on_features = on_features
         generator._input_bytes = x.numel() * x.element_size()
         kernel, generation, index = _group_of(generator).kernel(generator)
-        if generation.regenerate_in_backward:
-            out = _GroupConv.apply(x, kernel, layer.bias, generation, index, layer, padding)
-            return out if not generator._on_features else out + feature_branch_conv(layer, x, padding, plan.branch)
     else:
         kernel = training_kernel(generator)
-    if kernel.dtype != x.dtype and not compat.autocast_enabled(x.device.type):
-        kernel = kernel.to(x.dtype)
-    out = F.conv2d(x, kernel, layer.bias, layer.stride, padding, layer.dilation, layer.groups)
-    if plan is not None and plan.on_features:
-        out = out + feature_branch_conv(layer, x, padding, plan.branch)
+    if generation is not None and generation.regenerate_in_backward:
+        out = _GroupConv.apply(x, kernel, layer.bias, generation, index, layer, padding)
+    else:
+        if kernel.dtype != x.dtype and not compat.autocast_enabled(x.device.type):
+            kernel = kernel.to(x.dtype)
+        out = F.conv2d(x, kernel, layer.bias, layer.stride, padding, layer.dilation, layer.groups)
+    for branch in on_features:
+        out = out + feature_branch_conv(layer, x, padding, branch)
     return out
 
 

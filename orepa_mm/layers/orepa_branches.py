@@ -294,8 +294,7 @@ class OREPAKxKBranches(ConstantBuffers, KernelGenerator):
         with torch.no_grad():
             grad_kernel = grad_kernel.contiguous()
             grad = grad_kernel.view(o, in_g, kk)
-            # rows filled below, stacked at the end; a branch left out of the kernel gets none here
-            grad_scales: List[Tensor] = [torch.zeros_like(v[0])] * len(self.branch_names)
+            grad_scales: List[Tensor] = [v[0]] * len(self.branch_names)  # rows filled below, stacked at the end
             grads = {'weight_origin': grad_kernel * v[0, :, None, None, None]}
             grad_scales[0] = _rowwise_dot(grad, self.weight_origin.view(o, in_g, kk))
             on_kernel_1x1_kxk = self.generates('1x1_kxk')
@@ -325,6 +324,8 @@ class OREPAKxKBranches(ConstantBuffers, KernelGenerator):
                 second.mul_(v3)
                 grads['weight_1x1_kxk_first'] = torch.bmm(second.view(g, o_g * kk, t_g).transpose(1, 2),
                                                           grad_work.view(g, o_g * kk, in_g)).view(-1, in_g)
+            elif self.has('1x1_kxk'):  # computed on the feature map: its scale gets its gradient there
+                grad_scales[self.row('1x1_kxk')] = torch.zeros_like(v[0])
             if self.has('dws'):
                 # batched over input channels: (o_g, kk) x (kk, e) and (e, o_g) x (o_g, kk)
                 grad_io = get('s1', (g, in_g, o_g, kk), like)  # s1, s2 are free again
