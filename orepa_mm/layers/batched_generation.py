@@ -159,9 +159,9 @@ def _regenerate_in_backward(members: Sequence[nn.Module]) -> bool:
     i.e. at large batches (at most :data:`KEEP_1X1_KERNELS_UP_TO` of those
     inputs, as measured at the members' last forward), and costly to
     generate (more than :data:`KEEP_1X1_KERNELS_FROM_OPERATORS` operators'
-    worth of multiply-adds).  Measured on a
-    ResNet-50 at 224x224 on CPU: at batch 16 keeping every 1x1 kernel took
-    the step from 1.23x to 1.20x plain's and the bytes kept for backward from
+    worth of multiply-adds).  Measured once on a ResNet-50 at 224x224 on
+    CPU, with a build that kept them all: at batch 16 keeping every 1x1
+    kernel took the step from 1.23x to 1.20x plain's and the bytes kept for backward from
     1.03x to 1.07x; at batch 4 it would have added 0.14x, more than the time
     it saves is worth.
     """
